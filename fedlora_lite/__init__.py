@@ -4,7 +4,7 @@ library plus a papermill/nbval notebook course.
 The public API is re-exported here; see the README for a tour.
 """
 
-from .clair import ClairResult, MultiModuleClairResult, choose_rank, clair, clair_modules, refine_updates
+from .clair import ClairResult, MultiModuleClairResult, choose_rank, clair, clair_modules, estimate_mu, refine_updates
 from .decomposition import (
     Decomposition,
     LambdaPath,

@@ -31,7 +31,7 @@ import torch
 from .decomposition import Decomposition, decompose
 from .validation import as_update_stack, check_choice, check_fraction
 
-__all__ = ["ClairResult", "MultiModuleClairResult", "clair", "clair_modules", "choose_rank", "refine_updates"]
+__all__ = ["ClairResult", "MultiModuleClairResult", "clair", "clair_modules", "choose_rank", "estimate_mu", "refine_updates"]
 
 _SIDES = ("column", "row")
 _REFINE = ("average", "project")
@@ -78,18 +78,20 @@ class ClairResult:
         return [int(i) for i in torch.nonzero(self.flags).flatten()]
 
 
-def choose_rank(singular_values: torch.Tensor, *, max_rank: int | None = None, rtol: float | None = None) -> int:
+def choose_rank(singular_values: torch.Tensor, *, max_rank: int | None = None, rtol: float = 1e-3) -> int:
     """Choose the shared rank from L-hat's singular values by the largest spectral gap.
 
     r = argmax_{1 <= i <= R} s_i / s_{i+1} with R = min(max_rank, len(s) - 1), where
-    values below ``rtol * s_1`` count as ``rtol * s_1`` (numerical zeros). On an exactly
-    low-rank L-hat this returns its rank; with noise absorbed into L-hat (exact form on
-    noisy inputs) it returns the rank at the clearest signal/noise gap.
+    values below ``rtol * s_1`` count as ``rtol * s_1``: directions carrying less than
+    0.1% (default) of the leading one are treated as noise, so a tiny leaked direction
+    (the exact form on noisy inputs leaves a few) cannot create a spurious huge gap. On an
+    exactly low-rank L-hat this returns its rank; with noise absorbed into L-hat it
+    returns the rank at the clearest signal/noise gap.
 
     Args:
         singular_values: descending, non-negative, shape (m,).
         max_rank: largest rank considered; default len(s) - 1 (or len(s) if m == 1).
-        rtol: numerical-zero level relative to s_1; default 1e-10 (float64) / 1e-5 (float32).
+        rtol: noise floor relative to s_1 (default 1e-3).
 
     Returns:
         r >= 0 (0 only when L-hat is zero).
@@ -97,8 +99,6 @@ def choose_rank(singular_values: torch.Tensor, *, max_rank: int | None = None, r
     s = singular_values.detach().flatten()
     if s.numel() == 0 or float(s[0]) <= 0:
         return 0
-    if rtol is None:
-        rtol = 1e-10 if s.dtype == torch.float64 else 1e-5
     if s.numel() == 1:
         return 1
     R = s.numel() - 1 if max_rank is None else min(int(max_rank), s.numel() - 1)
@@ -156,7 +156,7 @@ class _ModuleFit:
     total_sq: torch.Tensor  # (K,) ||M_k||_F^2
 
 
-def _fit(updates: Any, name: str, rank: int | str, lam: float | None, mu: float | None, side: str,
+def _fit(updates: Any, name: str, rank: int | str, lam: float | None, mu: float | str | None, side: str,
          max_rank: int | None, solver_options: dict[str, Any]) -> _ModuleFit:
     M = as_update_stack(updates, name)
     check_choice(side, "side", _SIDES)
@@ -171,6 +171,12 @@ def _fit(updates: Any, name: str, rank: int | str, lam: float | None, mu: float 
         raise ValueError(f"rank must be 'auto' or an int in [1, {dmax}] (min(d, K*p) on the {side} side), got {rank!r}")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 1 <= max_rank <= dmax):
         raise ValueError(f"max_rank must be None or an int in [1, {dmax}], got {max_rank!r}")
+    if isinstance(mu, str):
+        if mu != "auto":
+            raise ValueError(f"mu must be None, a positive float or 'auto', got {mu!r}")
+        dec0 = decompose(list(M), lam=lam, **solver_options)
+        mu = estimate_mu(M, dec0, rank, max_rank)
+        solver_options = {**solver_options, "init": dec0}
     dec = decompose(list(M), lam=lam, mu=mu, **solver_options)
     U_all, s, _ = torch.linalg.svd(dec.L, full_matrices=False)
     r = choose_rank(s, max_rank=max_rank) if rank == "auto" else rank
@@ -180,6 +186,40 @@ def _fit(updates: Any, name: str, rank: int | str, lam: float | None, mu: float 
     sparse_sq = torch.stack([b.pow(2).sum() for b in dec.S_blocks])
     total_sq = M.pow(2).sum(dim=(1, 2))
     return _ModuleFit(M, dec, U_all[:, :r], r, s, sparse_sq, total_sq)
+
+
+def estimate_mu(M: torch.Tensor, exact: Decomposition, rank: int | str = "auto", max_rank: int | None = None,
+                threshold: float = 0.5) -> float:
+    """Noise weight mu for the noisy form, estimated from an exact-form fit.
+
+    Stable principal component pursuit (Zhou et al., 2010) takes mu of the order of the
+    noise's spectral norm, ``sigma * (sqrt(d) + sqrt(n))`` for i.i.d. entries of size
+    sigma in a d x n stack. sigma is estimated from the exact-form fit: the energy of the
+    unflagged clients' blocks outside the rank-r subspace of L-hat, per residual degree
+    of freedom, ``sigma^2 = sum_{k in C} ||(I - U U^T) M_k||_F^2 / (|C| p (d - r))``.
+
+    Args:
+        M: (K, d, p) stacked updates (column side).
+        exact: exact-form :class:`~fedlora_lite.decomposition.Decomposition` of M.
+        rank, max_rank: as in :func:`clair`.
+        threshold: flag rule used to pick the clients that enter the estimate.
+
+    Returns:
+        mu > 0 (a tiny positive value if the benign residual is exactly zero).
+    """
+    K, d, p = M.shape
+    U_all, s, _ = torch.linalg.svd(exact.L, full_matrices=False)
+    r = choose_rank(s, max_rank=max_rank) if rank == "auto" else int(rank)
+    sparse_sq = torch.stack([b.pow(2).sum() for b in exact.S_blocks])
+    _, flags = _flags(sparse_sq, M.pow(2).sum(dim=(1, 2)), threshold)
+    benign = ~flags if bool((~flags).any()) else torch.ones_like(flags)
+    U = U_all[:, :r]
+    resid = M[benign] - torch.einsum("dr,krp->kdp", U, torch.einsum("dr,kdp->krp", U, M[benign]))
+    dof = max(int(benign.sum()) * p * max(d - r, 1), 1)
+    sigma = float(resid.pow(2).sum() / dof) ** 0.5
+    n = K * p
+    scale = float(torch.linalg.matrix_norm(M.reshape(-1, 1)))
+    return max(sigma * (d**0.5 + n**0.5), 1e-12 * max(scale, 1e-300))
 
 
 def _flags(sparse_sq: torch.Tensor, total_sq: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,7 +251,7 @@ def clair(
     *,
     rank: int | str = "auto",
     lam: float | None = None,
-    mu: float | None = None,
+    mu: float | str | None = None,
     side: str = "column",
     threshold: float = 0.5,
     refine: str = "average",
@@ -227,7 +267,8 @@ def clair(
         lam: block-sparsity weight; None -> :func:`~fedlora_lite.decomposition.default_lambda`
             (or pick one with :func:`~fedlora_lite.decomposition.select_lambda`).
         mu: None = exact form (noiseless model); > 0 = noisy form, mu of the order of the
-            noise's spectral norm.
+            noise's spectral norm; "auto" = noisy form with mu from :func:`estimate_mu`
+            (a two-stage fit: exact form first, then the noise level of its benign residual).
         side: "column" (shared output subspace, default) or "row" (shared input subspace).
         threshold: flag client k when ||S_k||_F / ||M_k||_F > threshold; in (0, 1).
         refine: "average" (default) or "project"; see the module docstring.
@@ -278,7 +319,7 @@ def clair_modules(
     *,
     rank: int | str = "auto",
     lam: float | None = None,
-    mu: float | None = None,
+    mu: float | str | None = None,
     side: str = "column",
     threshold: float = 0.5,
     refine: str = "average",

@@ -187,10 +187,14 @@ def default_lambda(blocks: Any) -> float:
       1; for up to K/2 generic contaminated blocks that norm is about
       ``1/sqrt(p) + sqrt(K / (2 d))``, giving ``lam_hi = 1 / (1/sqrt(p) + sqrt(K/(2d)))``.
 
-    The default is their geometric mean ``sqrt(lam_lo * lam_hi)``. Here p and d are the
-    *effective* sizes: p = the largest numerical rank of a client block and d = the
-    numerical rank of the stacked matrix, so the value is invariant to zero padding and
-    identical for a dense LoRA update and its factored reduction.
+    The default is their geometric mean ``sqrt(lam_lo * lam_hi)``. Here p and d are
+    *effective* sizes, so the value is invariant to zero padding and to orthonormal
+    changes of basis, hence identical for a dense LoRA update and its factored reduction:
+    p = the largest numerical rank of a client block, and d = the dimension the
+    contaminated blocks can spread over, ``max(rank(M), K p / 2)`` — the observed rank of
+    the stack, or, when that is smaller (little or no contamination), the span K/2
+    generic contaminated blocks would occupy. Without that floor a clean federation would
+    get lam_hi ~ lam_lo and a default at the edge of the window.
 
     Args:
         blocks: K matrices (d x p_k) or a (K, d, p) tensor.
@@ -201,7 +205,7 @@ def default_lambda(blocks: Any) -> float:
     mats = as_block_list(blocks, "blocks", same_width=False)
     K = len(mats)
     p_eff = max(max(_numerical_rank(m) for m in mats), 1)
-    d_eff = max(_numerical_rank(torch.cat(mats, dim=1)), 1)
+    d_eff = max(_numerical_rank(torch.cat(mats, dim=1)), K * p_eff / 2.0)
     lam_lo = math.sqrt(p_eff / K)
     lam_hi = 1.0 / (1.0 / math.sqrt(p_eff) + math.sqrt(K / (2.0 * d_eff)))
     return math.sqrt(lam_lo * lam_hi)
@@ -413,16 +417,20 @@ def select_lambda(
     *,
     mu: float | None = None,
     threshold: float = 0.5,
+    min_run: int = 3,
     **solver_options: Any,
 ) -> LambdaPath:
     """Choose lam from the data by stability of the flagged set along a lam path.
 
     Small lam sends everything to S (every client flagged, L = 0); large lam sends
-    everything to L (nobody flagged). In between, when the low-rank + block-sparse model
-    fits, the flagged set is constant over a range of lam. We solve along ``grid``
-    (warm-started), and return the centre (in log-lam) of the longest run of identical,
-    non-trivial flagged sets (not all clients, L not zero). Ties go to the run containing
-    :func:`default_lambda`'s value, then to the smaller lam.
+    everything to L (nobody flagged, L not low-rank). In between, when the low-rank +
+    block-sparse model fits, the flagged set stays constant over a range of lam. We solve
+    along ``grid`` (warm-started) and return the centre (in log-lam) of the longest run of
+    identical flagged sets that are neither empty nor every client (ties: the run that
+    contains :func:`default_lambda`'s value, then the smaller lam). If no such run spans at
+    least ``min_run`` grid points there is no stable contaminated set — typically there is
+    no contamination — and the theory default is returned (``chosen_index`` then points at
+    the grid value closest to it).
 
     Args:
         blocks: K client matrices or a (K, d, p) tensor.
@@ -444,6 +452,8 @@ def select_lambda(
     if len(grid) < 3 or any(b <= a for a, b in zip(grid, grid[1:])):
         raise ValueError("grid must hold at least 3 strictly increasing lam values")
     threshold = check_positive(threshold, "threshold")
+    if isinstance(min_run, bool) or not isinstance(min_run, int) or min_run < 1:
+        raise ValueError(f"min_run must be a positive int, got {min_run!r}")
     block_norm_M = torch.stack([torch.linalg.matrix_norm(m) for m in mats])
     flagged: list[tuple[int, ...]] = []
     ranks: list[int] = []
@@ -458,7 +468,7 @@ def select_lambda(
     runs: list[tuple[int, int]] = []  # [start, end] inclusive, over admissible lam only
     start = None
     for i, f in enumerate(flagged):
-        ok = len(f) < K and ranks[i] > 0
+        ok = 0 < len(f) < K and ranks[i] > 0
         if ok and start is not None and f == flagged[start]:
             continue
         if start is not None:
@@ -466,8 +476,10 @@ def select_lambda(
         start = i if ok else None
     if start is not None:
         runs.append((start, len(grid) - 1))
+    runs = [(a, b) for a, b in runs if b - a + 1 >= min_run]
     if not runs:
-        return LambdaPath(list(grid), flagged, ranks, lam0, -1)
+        nearest = min(range(len(grid)), key=lambda i: abs(math.log(grid[i] / lam0)))
+        return LambdaPath(list(grid), flagged, ranks, lam0, nearest)
 
     def key(run: tuple[int, int]) -> tuple[int, int, int]:
         a, b = run
