@@ -181,20 +181,23 @@ def default_lambda(blocks: Any) -> float:
     Exact recovery needs lam inside a window (block Outlier Pursuit's dual certificate):
 
     * lam must exceed the benign blocks' share of the low-rank subgradient, about
-      ``sqrt(r / |C|)``; bounding the unknown shared rank r by the block rank p and
-      |C| >= K/2 gives ``lam_lo = sqrt(p / K)`` (the scale CLAIR.md asks for);
+      ``sqrt(r / |C|)``. Bounding the unknown shared rank r by the block rank p and taking
+      |C| ~ K gives the scale ``lam_lo = sqrt(p / K)`` (the scale CLAIR.md asks for; with
+      half the clients contaminated the share grows by sqrt(2), still inside the window
+      below, and a scale rather than a strict bound since usually r < p);
     * lam times the spectral norm of the normalised contaminated blocks must stay below
-      1; for up to K/2 generic contaminated blocks that norm is about
+      1. For up to K/2 generic contaminated d x p blocks that norm is about
       ``1/sqrt(p) + sqrt(K / (2 d))``, giving ``lam_hi = 1 / (1/sqrt(p) + sqrt(K/(2d)))``.
 
-    The default is their geometric mean ``sqrt(lam_lo * lam_hi)``. Here p and d are
+    The default is their geometric mean ``sqrt(lam_lo * lam_hi)``. p and d are
     *effective* sizes, so the value is invariant to zero padding and to orthonormal
     changes of basis, hence identical for a dense LoRA update and its factored reduction:
-    p = the largest numerical rank of a client block, and d = the dimension the
-    contaminated blocks can spread over, ``max(rank(M), K p / 2)`` — the observed rank of
-    the stack, or, when that is smaller (little or no contamination), the span K/2
-    generic contaminated blocks would occupy. Without that floor a clean federation would
-    get lam_hi ~ lam_lo and a default at the edge of the window.
+    p = the largest numerical rank of a client block, and d = ``max(rank(M), K p / 2)``,
+    the observed rank of the stack or, when that is smaller, the span that K/2 generic
+    contaminated blocks would occupy in a large ambient space (a conservative stand-in
+    for the unknown ambient dimension, which the factored form does not see). Without
+    that floor a clean federation would get lam_hi ~ lam_lo and a default at the lower
+    edge of the window, flagging benign clients.
 
     Args:
         blocks: K matrices (d x p_k) or a (K, d, p) tensor.

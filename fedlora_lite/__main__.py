@@ -1,0 +1,7 @@
+"""``python -m fedlora_lite ...`` is the same as the ``fedlora-lite`` console command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

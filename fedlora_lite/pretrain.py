@@ -1,0 +1,165 @@
+"""Pretrain the base model on a generic copy task and save it (one command).
+
+The base learns to copy random strings of printable characters (lengths
+``min_len..max_len``, uniform characters), so that any later copy-like task only needs
+a small LoRA update on top. Regenerate the shipped checkpoint with::
+
+    python -m fedlora_lite.pretrain --out data/base_copy
+
+(defaults: seed 0, CPU, 1 torch thread for bit-reproducible results on one machine;
+different hardware or thread counts may change the last bits and so the checksum).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .models import CharTokenizer, ModelConfig, build_model, count_parameters, max_text_length, save_base
+from .runtime import make_generator, resolve_device
+from .sequences import collate, greedy_exact_match, token_accuracy
+from .training import TrainConfig, TrainHistory, train_on_pairs
+
+__all__ = ["PretrainConfig", "PretrainResult", "random_copy_pairs", "pretrain", "main"]
+
+
+@dataclass
+class PretrainConfig:
+    """Everything that determines the pretrained base.
+
+    Attributes:
+        model: model size.
+        train: optimisation settings.
+        min_len: shortest random string.
+        max_len: longest random string (must fit: ``2*max_len + 3 <= n_positions``).
+        eval_size: held-out random pairs for the final accuracy.
+        seed: seeds initialisation, data stream and evaluation set.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3, warmup_steps=50, schedule="cosine")
+    )
+    min_len: int = 1
+    max_len: int = 30
+    eval_size: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
+        if self.max_len > max_text_length(self.model):
+            raise ValueError(
+                f"max_len={self.max_len} does not fit n_positions={self.model.n_positions} "
+                f"(at most {max_text_length(self.model)})"
+            )
+
+
+def random_copy_pairs(
+    n: int,
+    generator: torch.Generator,
+    *,
+    alphabet: str,
+    min_len: int = 1,
+    max_len: int = 30,
+) -> list[tuple[str, str]]:
+    """``n`` pairs ``(s, s)`` of random strings with uniform lengths and characters."""
+    lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator).tolist()
+    chars = torch.randint(0, len(alphabet), (sum(lengths),), generator=generator).tolist()
+    out, pos = [], 0
+    for length in lengths:
+        s = "".join(alphabet[c] for c in chars[pos : pos + length])
+        pos += length
+        out.append((s, s))
+    return out
+
+
+@dataclass
+class PretrainResult:
+    """Pretrained model plus its evaluation on held-out random strings."""
+
+    model: torch.nn.Module
+    tokenizer: CharTokenizer
+    config: PretrainConfig
+    history: TrainHistory
+    token_accuracy: float
+    exact_match: float
+    num_parameters: int
+
+    def metadata(self) -> dict:
+        """JSON facts stored in the checkpoint's config.json (no timings: reproducible)."""
+        return {
+            "task": "copy random printable-ASCII strings",
+            "command": "python -m fedlora_lite.pretrain --out <dir>",
+            "seed": self.config.seed,
+            "min_len": self.config.min_len,
+            "max_len": self.config.max_len,
+            "train": asdict(self.config.train),
+            "num_parameters": self.num_parameters,
+            "final_loss": round(self.history.final_loss, 5),
+            "heldout_token_accuracy": round(self.token_accuracy, 5),
+            "heldout_exact_match": round(self.exact_match, 5),
+        }
+
+
+def pretrain(cfg: PretrainConfig | None = None, *, device: str | torch.device = "cpu", progress: bool = False) -> PretrainResult:
+    """Build the base from ``cfg.model`` and train it on the random-string copy task.
+
+    Args:
+        cfg: settings (default :class:`PretrainConfig`).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        progress: tqdm bar.
+    """
+    cfg = cfg or PretrainConfig()
+    device = resolve_device(device)
+    tokenizer = CharTokenizer()
+    model = build_model(cfg.model, tokenizer, seed=cfg.seed, device=device)
+    gen = make_generator(cfg.seed)
+
+    def sample(batch_size: int, g: torch.Generator) -> list[tuple[str, str]]:
+        return random_copy_pairs(batch_size, g, alphabet=tokenizer.alphabet, min_len=cfg.min_len, max_len=cfg.max_len)
+
+    history = train_on_pairs(model, tokenizer, sample, cfg.train, generator=gen, progress=progress, desc="pretrain")
+    eval_pairs = random_copy_pairs(
+        cfg.eval_size, make_generator(cfg.seed + 10_000), alphabet=tokenizer.alphabet, min_len=cfg.min_len, max_len=cfg.max_len
+    )
+    acc = token_accuracy(model, collate(tokenizer, eval_pairs, device=device))
+    em = greedy_exact_match(model, tokenizer, [s for s, _ in eval_pairs], [t for _, t in eval_pairs])
+    return PretrainResult(model, tokenizer, cfg, history, float(acc), float(em), count_parameters(model))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: ``python -m fedlora_lite.pretrain --out DIR``."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory for the checkpoint")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto (default cpu: reproducible checksum)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 = reproducible)")
+    p.add_argument("--n-layer", type=int, default=None)
+    p.add_argument("--n-embd", type=int, default=None)
+    p.add_argument("--n-head", type=int, default=None)
+    p.add_argument("--progress", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model_cfg = ModelConfig(
+        **{k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head)) if v is not None}
+    )
+    cfg = PretrainConfig(model=model_cfg, seed=args.seed)
+    if args.steps is not None:
+        cfg.train = TrainConfig(**{**asdict(cfg.train), "steps": args.steps})
+    t0 = time.perf_counter()
+    res = pretrain(cfg, device=args.device, progress=args.progress)
+    elapsed = time.perf_counter() - t0
+    meta = res.metadata()
+    out = save_base(res.model.cpu(), res.tokenizer, cfg.model, args.out, metadata=meta)
+    print(json.dumps({**meta, "seconds": round(elapsed, 1), "out": str(out)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
