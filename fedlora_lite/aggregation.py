@@ -38,7 +38,7 @@ import torch
 
 from .validation import as_update_stack, check_fraction, check_positive
 
-__all__ = ["AggregationResult", "AGGREGATORS", "aggregate", "available_aggregators", "krum_scores"]
+__all__ = ["AGGREGATORS", "AggregationResult", "aggregate", "available_aggregators", "krum_scores"]
 
 
 @dataclass
@@ -101,7 +101,7 @@ def _trimmed_mean(M: torch.Tensor, benign: torch.Tensor | None, *, trim: float =
     """Coordinate-wise mean after removing floor(trim * K) smallest and largest values."""
     trim = check_fraction(trim, "trim", high=0.5)
     K = M.shape[0]
-    t = int(math.floor(trim * K))
+    t = math.floor(trim * K)
     srt = torch.sort(M, dim=0).values
     center = srt[t : K - t].mean(dim=0)
     return AggregationResult("trimmed_mean", _broadcast(center, K), info={"trimmed_each_side": t})
@@ -210,7 +210,9 @@ def _multi_krum(M: torch.Tensor, benign: torch.Tensor | None, *, f: int | None =
 
 def _clair(M: torch.Tensor, benign: torch.Tensor | None, **options: Any) -> AggregationResult:
     """CLAIR: refined updates for the collaborative set, inputs back for flagged clients."""
-    from .clair import clair  # local import: clair pulls in the solver, keep this module light
+    from .clair import (
+        clair,  # local import: clair pulls in the solver, keep this module light
+    )
 
     result = clair(M, **options)
     info = {"result": result, "scores": result.scores, "rank": result.rank, "lam": result.lam}

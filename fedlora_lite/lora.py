@@ -48,13 +48,6 @@ __all__ = [
     "factorize_delta",
     "deltas_to_lora_state",
     "lora_parameter_count",
-    # re-exported from fedlora_lite.adapters
-    "AdapterError",
-    "check_adapter",
-    "load_lora_factors",
-    "save_adapter",
-    "read_adapter",
-    "load_adapter",
 ]
 
 #: GPT-2 attention (``c_attn`` qkv, ``c_proj``) and MLP (``c_fc``, ``c_proj``) projections.

@@ -19,13 +19,13 @@ import torch
 from .validation import as_matrix, as_update_stack
 
 __all__ = [
-    "principal_angle_sines",
-    "sin_theta",
     "DetectionMetrics",
-    "detection_metrics",
-    "relative_errors",
     "RefinementGain",
+    "detection_metrics",
+    "principal_angle_sines",
     "refinement_gain",
+    "relative_errors",
+    "sin_theta",
 ]
 
 

@@ -13,13 +13,19 @@ the model is a :class:`transformers.GPT2LMHeadModel` constructed from a
 :func:`load_base` verifies the checksums before building anything.
 
 Sequence format of the copy tasks (shared with :mod:`fedlora_lite.sequences` and
-:mod:`fedlora_lite.tasks`)::
+:mod:`fedlora_lite.tasks`). The source sits in a field of fixed width
+``W = tokenizer.source_width`` (24 by default), padded with ``<pad>``::
 
-    [BOS] s_1 ... s_m [SEP] t_1 ... t_n [EOS]
+    [BOS] s_1 ... s_m <pad> ... <pad> [SEP] t_1 ... t_n [EOS]      (m <= W)
+    |<------------- W + 2 positions ------->|
 
-The loss and teacher-forced accuracy are computed only on ``t_1 .. t_n, EOS``; with
-``n_positions`` positions a pair fits when ``m + n + 3 <= n_positions``
-(:func:`max_text_length` gives the largest equal-length source/target).
+so target character j always sits exactly ``W + 1`` positions after source character j,
+whatever the source length. With learned absolute position embeddings this makes copying
+a fixed-offset lookup that a 2-layer model learns in a few hundred steps (with a
+variable-length source it needs thousands). The loss and teacher-forced accuracy use
+only ``t_1 .. t_n, EOS``; a target fits when ``n <= n_positions - W - 3``
+(:func:`max_target_length`). ``source_width=None`` selects the plain variable-length
+format ``[BOS] source [SEP] target [EOS]``.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "count_parameters",
-    "max_text_length",
+    "max_target_length",
     "save_base",
     "load_base",
     "verify_checksums",
@@ -58,6 +64,8 @@ _SPECIALS = (PAD, BOS, SEP, EOS)
 # printable ASCII without tab/newline etc.: space .. '~' (95 characters)
 DEFAULT_ALPHABET = "".join(chr(c) for c in range(32, 127))
 assert set(DEFAULT_ALPHABET) <= set(string.printable)
+#: Width of the padded source field of the default copy-task template.
+DEFAULT_SOURCE_WIDTH = 24
 
 #: Where the shipped pretrained base lives (``data/base_copy`` at the repository root).
 DEFAULT_BASE_DIR = Path(__file__).resolve().parent.parent / "data" / "base_copy"
@@ -70,17 +78,24 @@ class CharTokenizer:
 
     Ids: ``<pad>=0, <bos>=1, <sep>=2, <eos>=3``, then one id per alphabet character in
     alphabet order (default: printable ASCII from space to ``~``, so ``vocab_size == 99``).
+    It also fixes the copy-task template (see the module docstring), the way a Hugging Face
+    tokenizer carries its chat template.
 
     Args:
         alphabet: the characters to support, each once.
+        source_width: width W of the padded source field (``None``: variable-length
+            format without field padding).
     """
 
-    def __init__(self, alphabet: str = DEFAULT_ALPHABET) -> None:
+    def __init__(self, alphabet: str = DEFAULT_ALPHABET, source_width: int | None = DEFAULT_SOURCE_WIDTH) -> None:
         if not isinstance(alphabet, str) or not alphabet:
             raise TypeError("alphabet must be a non-empty str")
         if len(set(alphabet)) != len(alphabet):
             raise ValueError("alphabet must not contain repeated characters")
+        if source_width is not None and (isinstance(source_width, bool) or not isinstance(source_width, int) or source_width < 1):
+            raise ValueError(f"source_width must be a positive int or None, got {source_width!r}")
         self.alphabet = alphabet
+        self.source_width = source_width
         self.specials = _SPECIALS
         self._id_of = {c: i + len(_SPECIALS) for i, c in enumerate(alphabet)}
         self._tok_of = list(_SPECIALS) + list(alphabet)
@@ -96,10 +111,10 @@ class CharTokenizer:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"CharTokenizer(vocab_size={self.vocab_size})"
+        return f"CharTokenizer(vocab_size={self.vocab_size}, source_width={self.source_width})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, CharTokenizer) and other.alphabet == self.alphabet
+        return isinstance(other, CharTokenizer) and (other.alphabet, other.source_width) == (self.alphabet, self.source_width)
 
     def encode(self, text: str) -> list[int]:
         """Map each character of ``text`` to its id (no special tokens added).
@@ -139,7 +154,10 @@ class CharTokenizer:
         return "".join(out)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": "CharTokenizer", "version": 1, "specials": list(_SPECIALS), "alphabet": self.alphabet}
+        return {
+            "type": "CharTokenizer", "version": 1, "specials": list(_SPECIALS), "alphabet": self.alphabet,
+            "source_width": self.source_width,
+        }
 
     def save(self, path: str | Path) -> Path:
         """Write the tokenizer table as JSON and return the path."""
@@ -153,7 +171,7 @@ class CharTokenizer:
         data = json.loads(Path(path).read_text())
         if data.get("type") != "CharTokenizer" or tuple(data.get("specials", ())) != _SPECIALS:
             raise ValueError(f"{path} is not a CharTokenizer file with specials {_SPECIALS}")
-        return cls(data["alphabet"])
+        return cls(data["alphabet"], source_width=data.get("source_width"))
 
 
 @dataclass
@@ -212,9 +230,15 @@ class ModelConfig:
         return cls(**data)
 
 
-def max_text_length(cfg: ModelConfig) -> int:
-    """Longest source length ``m`` such that a pair with ``m = n`` fits in ``n_positions``."""
-    return (cfg.n_positions - 3) // 2
+def max_target_length(cfg: ModelConfig, tokenizer: CharTokenizer) -> int:
+    """Longest target (in characters) that fits after a full source field.
+
+    Fixed-width format: ``n_positions - source_width - 3``; variable format: the longest
+    ``n`` with ``n + n + 3 <= n_positions`` (equal-length source and target).
+    """
+    if tokenizer.source_width is None:
+        return (cfg.n_positions - 3) // 2
+    return cfg.n_positions - tokenizer.source_width - 3
 
 
 def build_model(
@@ -243,6 +267,10 @@ def build_model(
         raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
     if not isinstance(tokenizer, CharTokenizer):
         raise TypeError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
+    if tokenizer.source_width is not None and tokenizer.source_width + 4 > cfg.n_positions:
+        raise ValueError(
+            f"tokenizer.source_width={tokenizer.source_width} leaves no room for a target in n_positions={cfg.n_positions}"
+        )
     gcfg = cfg.to_gpt2_config(tokenizer)
     if seed is None:
         model = GPT2LMHeadModel(gcfg)

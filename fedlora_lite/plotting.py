@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_phase_transition", "plot_sweep", "plot_client_scores", "plot_singular_values"]
+__all__ = ["plot_client_scores", "plot_phase_transition", "plot_singular_values", "plot_sweep"]
 
 
 def _axes(ax: Any, figsize: tuple[float, float]) -> Any:

@@ -1,8 +1,9 @@
 """Pretrain the base model on a generic copy task and save it (one command).
 
-The base learns to copy random strings of printable characters (lengths
-``min_len..max_len``, uniform characters), so that any later copy-like task only needs
-a small LoRA update on top. Regenerate the shipped checkpoint with::
+The base learns to copy random strings (uniform lengths ``min_len..max_len``): half of
+them uniform over all printable characters, half over lowercase letters and space (the
+alphabet of the federated text tasks, where repeated letters are common). Any later
+copy-like task then only needs a small LoRA update on top. Regenerate the shipped checkpoint with::
 
     python -m fedlora_lite.pretrain --out data/base_copy
 
@@ -19,12 +20,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .models import CharTokenizer, ModelConfig, build_model, count_parameters, max_text_length, save_base
+from .models import DEFAULT_SOURCE_WIDTH, CharTokenizer, ModelConfig, build_model, count_parameters, max_target_length, save_base
 from .runtime import make_generator, resolve_device
 from .sequences import collate, greedy_exact_match, token_accuracy
 from .training import TrainConfig, TrainHistory, train_on_pairs
+from .validation import check_fraction
 
-__all__ = ["PretrainConfig", "PretrainResult", "random_copy_pairs", "pretrain", "main"]
+__all__ = ["LOWERCASE", "PretrainConfig", "PretrainResult", "random_copy_pairs", "mixed_copy_pairs", "pretrain", "main"]
+
+
+LOWERCASE = "abcdefghijklmnopqrstuvwxyz "
+"""Alphabet of the second half of the pretraining strings (letters and space)."""
 
 
 @dataclass
@@ -34,29 +40,41 @@ class PretrainConfig:
     Attributes:
         model: model size.
         train: optimisation settings.
+        source_width: width W of the tokenizer's source field (the template).
         min_len: shortest random string.
-        max_len: longest random string (must fit: ``2*max_len + 3 <= n_positions``).
+        max_len: longest random string (``<= source_width`` and it must fit as a target).
+        lowercase_fraction: expected share of strings drawn over :data:`LOWERCASE`
+            (the rest is uniform over all printable characters).
         eval_size: held-out random pairs for the final accuracy.
         seed: seeds initialisation, data stream and evaluation set.
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(
-        default_factory=lambda: TrainConfig(steps=1500, batch_size=32, lr=3e-3, warmup_steps=50, schedule="cosine")
+        default_factory=lambda: TrainConfig(steps=500, batch_size=32, lr=3e-3, warmup_steps=20, schedule="cosine")
     )
+    source_width: int = DEFAULT_SOURCE_WIDTH
     min_len: int = 1
-    max_len: int = 30
+    max_len: int = DEFAULT_SOURCE_WIDTH
+    lowercase_fraction: float = 0.5
     eval_size: int = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_len <= self.max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
-        if self.max_len > max_text_length(self.model):
+        tok = self.tokenizer()
+        limit = min(self.source_width, max_target_length(self.model, tok))
+        if self.max_len > limit:
             raise ValueError(
-                f"max_len={self.max_len} does not fit n_positions={self.model.n_positions} "
-                f"(at most {max_text_length(self.model)})"
+                f"max_len={self.max_len} does not fit source_width={self.source_width} / "
+                f"n_positions={self.model.n_positions} (at most {limit})"
             )
+        check_fraction(self.lowercase_fraction, "lowercase_fraction", inclusive_high=True)
+
+    def tokenizer(self) -> CharTokenizer:
+        """The tokenizer (default alphabet, this source width)."""
+        return CharTokenizer(source_width=self.source_width)
 
 
 def random_copy_pairs(
@@ -65,9 +83,13 @@ def random_copy_pairs(
     *,
     alphabet: str,
     min_len: int = 1,
-    max_len: int = 30,
+    max_len: int = DEFAULT_SOURCE_WIDTH,
 ) -> list[tuple[str, str]]:
     """``n`` pairs ``(s, s)`` of random strings with uniform lengths and characters."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"need 1 <= min_len <= max_len, got {min_len}, {max_len}")
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=generator).tolist()
     chars = torch.randint(0, len(alphabet), (sum(lengths),), generator=generator).tolist()
     out, pos = [], 0
@@ -76,6 +98,15 @@ def random_copy_pairs(
         pos += length
         out.append((s, s))
     return out
+
+
+def mixed_copy_pairs(n: int, generator: torch.Generator, cfg: PretrainConfig, tokenizer: CharTokenizer) -> list[tuple[str, str]]:
+    """The pretraining distribution: printable-ASCII and lowercase random strings, shuffled."""
+    lower = int(torch.binomial(torch.tensor(float(n)), torch.tensor(float(cfg.lowercase_fraction)), generator=generator))
+    pairs = random_copy_pairs(n - lower, generator, alphabet=tokenizer.alphabet, min_len=cfg.min_len, max_len=cfg.max_len)
+    pairs += random_copy_pairs(lower, generator, alphabet=LOWERCASE, min_len=cfg.min_len, max_len=cfg.max_len)
+    order = torch.randperm(n, generator=generator).tolist()
+    return [pairs[i] for i in order]
 
 
 @dataclass
@@ -93,11 +124,13 @@ class PretrainResult:
     def metadata(self) -> dict:
         """JSON facts stored in the checkpoint's config.json (no timings: reproducible)."""
         return {
-            "task": "copy random printable-ASCII strings",
+            "task": "copy random strings (printable ASCII and lowercase+space)",
             "command": "python -m fedlora_lite.pretrain --out <dir>",
             "seed": self.config.seed,
+            "source_width": self.config.source_width,
             "min_len": self.config.min_len,
             "max_len": self.config.max_len,
+            "lowercase_fraction": self.config.lowercase_fraction,
             "train": asdict(self.config.train),
             "num_parameters": self.num_parameters,
             "final_loss": round(self.history.final_loss, 5),
@@ -113,20 +146,22 @@ def pretrain(cfg: PretrainConfig | None = None, *, device: str | torch.device = 
         cfg: settings (default :class:`PretrainConfig`).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         progress: tqdm bar.
+
+    Returns:
+        :class:`PretrainResult` with held-out teacher-forced token accuracy and greedy
+        exact match on ``cfg.eval_size`` fresh pairs of the same distribution.
     """
     cfg = cfg or PretrainConfig()
     device = resolve_device(device)
-    tokenizer = CharTokenizer()
+    tokenizer = cfg.tokenizer()
     model = build_model(cfg.model, tokenizer, seed=cfg.seed, device=device)
     gen = make_generator(cfg.seed)
 
     def sample(batch_size: int, g: torch.Generator) -> list[tuple[str, str]]:
-        return random_copy_pairs(batch_size, g, alphabet=tokenizer.alphabet, min_len=cfg.min_len, max_len=cfg.max_len)
+        return mixed_copy_pairs(batch_size, g, cfg, tokenizer)
 
     history = train_on_pairs(model, tokenizer, sample, cfg.train, generator=gen, progress=progress, desc="pretrain")
-    eval_pairs = random_copy_pairs(
-        cfg.eval_size, make_generator(cfg.seed + 10_000), alphabet=tokenizer.alphabet, min_len=cfg.min_len, max_len=cfg.max_len
-    )
+    eval_pairs = mixed_copy_pairs(cfg.eval_size, make_generator(cfg.seed + 10_000), cfg, tokenizer)
     acc = token_accuracy(model, collate(tokenizer, eval_pairs, device=device))
     em = greedy_exact_match(model, tokenizer, [s for s, _ in eval_pairs], [t for _, t in eval_pairs])
     return PretrainResult(model, tokenizer, cfg, history, float(acc), float(em), count_parameters(model))
@@ -143,13 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--n-embd", type=int, default=None)
     p.add_argument("--n-head", type=int, default=None)
+    p.add_argument("--source-width", type=int, default=DEFAULT_SOURCE_WIDTH, help="width of the source field")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_cfg = ModelConfig(
         **{k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head)) if v is not None}
     )
-    cfg = PretrainConfig(model=model_cfg, seed=args.seed)
+    cfg = PretrainConfig(model=model_cfg, seed=args.seed, source_width=args.source_width, max_len=args.source_width)
     if args.steps is not None:
         cfg.train = TrainConfig(**{**asdict(cfg.train), "steps": args.steps})
     t0 = time.perf_counter()

@@ -1,11 +1,17 @@
-"""Batching and metrics for the ``[BOS] source [SEP] target [EOS]`` sequence format.
+"""Batching and metrics for the copy-task sequence format.
 
 A copy-task example is a pair of strings ``(source, target)``; the model reads the
 source and must write the target (plain copy: ``target == source``; transformed copy:
-``target = f(source)``). :func:`collate` turns pairs into right-padded tensors whose
-``labels`` are ``-100`` everywhere except on the target characters and the closing
-``EOS`` (the Hugging Face convention: the model shifts labels internally, so
-``labels[t]`` is predicted from position ``t - 1``).
+``target = f(source)``). The template comes from the tokenizer
+(see :mod:`fedlora_lite.models`)::
+
+    [BOS] source <pad>*(W - len(source)) [SEP] target [EOS]
+
+:func:`collate` turns pairs into right-padded tensors whose ``labels`` are ``-100``
+everywhere except on the target characters and the closing ``EOS`` (the Hugging Face
+convention: the model shifts labels internally, so ``labels[t]`` is predicted from
+position ``t - 1``). The ``<pad>`` tokens *inside* the source field are ordinary input
+(attention mask 1); only the batch padding after ``EOS`` is masked.
 
 Metrics:
     * :func:`token_accuracy` — teacher-forced: the fraction of target tokens (incl. EOS)
@@ -24,7 +30,7 @@ import torch
 
 from .models import CharTokenizer
 
-__all__ = ["SequenceBatch", "encode_pair", "collate", "sequence_loss", "token_accuracy", "greedy_decode", "greedy_exact_match"]
+__all__ = ["SequenceBatch", "encode_prompt", "encode_pair", "collate", "sequence_loss", "token_accuracy", "greedy_decode", "greedy_exact_match"]
 
 IGNORE_INDEX = -100
 
@@ -37,7 +43,7 @@ class SequenceBatch:
         input_ids: (B, T) token ids, ``<pad>`` after each sequence's ``<eos>``.
         attention_mask: (B, T) 1 on real tokens, 0 on padding.
         labels: (B, T) target ids on target/EOS positions, -100 elsewhere.
-        prompt_lengths: (B,) length of ``[BOS] source [SEP]`` per sequence.
+        prompt_lengths: (B,) length of the prompt ``[BOS] source <pad>... [SEP]`` per sequence.
     """
 
     input_ids: torch.Tensor
@@ -62,14 +68,29 @@ def _check_pair(pair: object, k: int) -> tuple[str, str]:
     return pair[0], pair[1]
 
 
+def encode_prompt(tokenizer: CharTokenizer, source: str) -> list[int]:
+    """``[BOS] source <pad>... [SEP]`` (the source field padded to ``tokenizer.source_width``).
+
+    Raises:
+        ValueError: the source is longer than the field, or has characters outside the alphabet.
+    """
+    src = tokenizer.encode(source)
+    width = tokenizer.source_width
+    if width is None:
+        return [tokenizer.bos_id, *src, tokenizer.sep_id]
+    if len(src) > width:
+        raise ValueError(f"source has {len(src)} characters but the tokenizer's source field holds {width}: {source!r}")
+    return [tokenizer.bos_id, *src, *[tokenizer.pad_id] * (width - len(src)), tokenizer.sep_id]
+
+
 def encode_pair(tokenizer: CharTokenizer, source: str, target: str) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one example (no padding).
+    """Token ids and labels of one example (no batch padding).
 
     Returns:
-        ``ids = [BOS] source [SEP] target [EOS]`` and ``labels`` of the same length with
-        -100 on ``[BOS] source [SEP]``.
+        ``ids = [BOS] source <pad>... [SEP] target [EOS]`` and ``labels`` of the same
+        length with -100 on the prompt ``[BOS] source <pad>... [SEP]``.
     """
-    prompt = [tokenizer.bos_id, *tokenizer.encode(source), tokenizer.sep_id]
+    prompt = encode_prompt(tokenizer, source)
     answer = [*tokenizer.encode(target), tokenizer.eos_id]
     return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
 
@@ -105,7 +126,7 @@ def collate(
                 f"pairs[{k}] needs {len(ids)} positions (len(source)={len(src)}, len(target)={len(tgt)}, +3 specials) "
                 f"but max_length={max_length}"
             )
-        encoded.append((ids, labels, len(src) + 2))
+        encoded.append((ids, labels, len(ids) - len(tgt) - 1))
     width = max(len(e[0]) for e in encoded)
     B = len(encoded)
     input_ids = torch.full((B, width), tokenizer.pad_id, dtype=torch.long)
@@ -166,10 +187,10 @@ def greedy_decode(
     max_new_tokens: int | Sequence[int] | None = None,
     batch_size: int = 128,
 ) -> list[str]:
-    """Greedy continuation of ``[BOS] source [SEP]`` until EOS.
+    """Greedy continuation of the prompt ``[BOS] source <pad>... [SEP]`` until EOS.
 
-    Prompts are grouped by length so no padding is needed (deterministic and exactly the
-    same computation on any device).
+    Prompts are grouped by length (all equal in the fixed-width format) so no padding is
+    needed: deterministic, and the same computation on any device.
 
     Args:
         model: causal LM.
@@ -190,7 +211,7 @@ def greedy_decode(
             raise ValueError(f"max_new_tokens has {len(budgets)} entries for {len(sources)} sources")
     else:
         budgets = [n_pos if max_new_tokens is None else int(max_new_tokens)] * len(sources)
-    prompts = [[tokenizer.bos_id, *tokenizer.encode(s), tokenizer.sep_id] for s in sources]
+    prompts = [encode_prompt(tokenizer, s) for s in sources]
     budgets = [min(b, n_pos - len(p)) for b, p in zip(budgets, prompts)]
     if any(b < 1 for b in budgets):
         raise ValueError(f"a source is too long to leave room for an answer in n_positions={n_pos}")

@@ -52,13 +52,13 @@ from .validation import as_matrix, check_choice, check_fraction, check_positive
 
 __all__ = [
     "CONTAMINATION_KINDS",
-    "UpdateFederation",
     "RegressionFederation",
-    "make_update_federation",
-    "make_regression_federation",
-    "least_squares",
-    "fit_local",
+    "UpdateFederation",
     "expected_ols_error",
+    "fit_local",
+    "least_squares",
+    "make_regression_federation",
+    "make_update_federation",
     "ols_noise_level",
 ]
 
@@ -195,7 +195,7 @@ def _per_client(value: Any, name: str, num_clients: int, check) -> tuple:
 
 def _num_contaminated(contamination: float, num_clients: int) -> int:
     # Round half up (Python's round() rounds half to even); the epsilon absorbs 0.3*20 = 6.000...1.
-    return int(math.floor(contamination * num_clients + 0.5 + 1e-9))
+    return math.floor(contamination * num_clients + 0.5 + 1e-9)
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedlora_lite.aggregation import AGGREGATORS, AggregationResult, aggregate, available_aggregators, krum_scores
+from fedlora_lite.aggregation import (
+    AGGREGATORS,
+    AggregationResult,
+    aggregate,
+    available_aggregators,
+    krum_scores,
+)
 from fedlora_lite.simulate import make_update_federation
 
 

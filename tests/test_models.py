@@ -17,12 +17,20 @@ from fedlora_lite.models import (
     build_model,
     count_parameters,
     load_base,
-    max_text_length,
+    max_target_length,
     save_base,
     verify_checksums,
 )
 from fedlora_lite.pretrain import random_copy_pairs
-from fedlora_lite.sequences import IGNORE_INDEX, collate, encode_pair, greedy_decode, greedy_exact_match, token_accuracy
+from fedlora_lite.sequences import (
+    IGNORE_INDEX,
+    collate,
+    encode_pair,
+    encode_prompt,
+    greedy_decode,
+    greedy_exact_match,
+    token_accuracy,
+)
 from fedlora_lite.training import TrainConfig, train_on_pairs
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -41,7 +49,9 @@ def test_tokenizer_round_trip_and_ids(tmp_path):
     assert tok.decode([*ids, tok.eos_id, 10], stop_at_eos=True) == text
     assert tok.decode([tok.sep_id], skip_special=False) == "<sep>"
     path = tok.save(tmp_path / "tok.json")
-    assert CharTokenizer.load(path) == tok
+    assert CharTokenizer.load(path) == tok and tok.source_width == 24
+    var = CharTokenizer(source_width=None)
+    assert CharTokenizer.load(var.save(tmp_path / "var.json")) == var != tok
     with pytest.raises(ValueError, match=r"'é' at position 1"):
         tok.encode("aé")
     with pytest.raises(TypeError, match="text must be a str"):
@@ -61,7 +71,12 @@ def test_model_config_validation():
         ModelConfig(dropout=1.5)
     with pytest.raises(ValueError, match="unknown"):
         ModelConfig.from_dict({"n_layers": 2})
-    assert max_text_length(ModelConfig(n_positions=64)) == 30
+    assert max_target_length(ModelConfig(n_positions=64), CharTokenizer()) == 64 - 24 - 3
+    assert max_target_length(ModelConfig(n_positions=64), CharTokenizer(source_width=None)) == 30
+    with pytest.raises(ValueError, match="source_width"):
+        build_model(ModelConfig(n_positions=16), CharTokenizer(source_width=14))
+    with pytest.raises(ValueError, match="source_width"):
+        CharTokenizer(source_width=0)
 
 
 def test_build_model_is_seeded_and_uses_conv1d():
@@ -80,8 +95,26 @@ def test_build_model_is_seeded_and_uses_conv1d():
     assert 380_000 < count_parameters(build_model(ModelConfig(), tok)) < 460_000
 
 
-def test_sequence_format_and_collate():
-    tok = CharTokenizer()
+def test_fixed_width_sequence_format():
+    tok = CharTokenizer(source_width=5)
+    assert encode_prompt(tok, "ab") == [1, *tok.encode("ab"), 0, 0, 0, 2]
+    ids, labels = encode_pair(tok, "ab", "xyz")
+    assert ids == [1, *tok.encode("ab"), 0, 0, 0, 2, *tok.encode("xyz"), 3]
+    assert labels == [IGNORE_INDEX] * 7 + [*tok.encode("xyz"), 3]
+    # target character j always sits source_width + 1 positions after source character j
+    for src in ("a", "abcde"):
+        ids, _ = encode_pair(tok, src, src)
+        assert all(ids[1 + j] == ids[1 + j + 6] for j in range(len(src)))
+    batch = collate(tok, [("ab", "xyz"), ("hello", "hello")])
+    assert batch.input_ids.shape == (2, 13)
+    assert batch.attention_mask.sum(1).tolist() == [11, 13]  # field padding is input, batch padding is not
+    assert batch.prompt_lengths.tolist() == [7, 7]
+    with pytest.raises(ValueError, match="source field holds 5"):
+        encode_pair(tok, "abcdef", "x")
+
+
+def test_variable_sequence_format_and_collate():
+    tok = CharTokenizer(source_width=None)
     ids, labels = encode_pair(tok, "ab", "xyz")
     assert ids == [1, *tok.encode("ab"), 2, *tok.encode("xyz"), 3]
     assert labels == [IGNORE_INDEX] * 4 + [*tok.encode("xyz"), 3]
@@ -122,7 +155,7 @@ def _copy_oracle(tok, pairs, wrong_at=None):
     answers = {}
     for src, tgt in pairs:
         ids, _ = encode_pair(tok, src, tgt)
-        p = len(src) + 2
+        p = len(encode_prompt(tok, src))
         for t in range(p - 1, len(ids) - 1):
             answers[tuple(ids[: t + 1])] = ids[t + 1]
     if wrong_at is not None:
@@ -130,8 +163,9 @@ def _copy_oracle(tok, pairs, wrong_at=None):
     return answers
 
 
-def test_metrics_on_a_perfect_and_a_flawed_model():
-    tok = CharTokenizer()
+@pytest.mark.parametrize("width", [None, 6])
+def test_metrics_on_a_perfect_and_a_flawed_model(width):
+    tok = CharTokenizer(source_width=width)
     pairs = [("abc", "cba"), ("hi", "hi"), ("xyz!", "x")]
     perfect = _Oracle(tok.vocab_size, _copy_oracle(tok, pairs))
     batch = collate(tok, pairs)
@@ -139,8 +173,8 @@ def test_metrics_on_a_perfect_and_a_flawed_model():
     assert greedy_decode(perfect, tok, [s for s, _ in pairs]) == [t for _, t in pairs]
     assert greedy_exact_match(perfect, tok, [s for s, _ in pairs], [t for _, t in pairs]) == 1.0
     # one wrong token (the first target token of "hi"): 1 of 4+3+2 target tokens (incl. EOS)
-    ids, _ = encode_pair(tok, "hi", "hi")
-    flawed = _Oracle(tok.vocab_size, _copy_oracle(tok, pairs, wrong_at=tuple(ids[:4])))
+    prompt = encode_prompt(tok, "hi")
+    flawed = _Oracle(tok.vocab_size, _copy_oracle(tok, pairs, wrong_at=tuple(prompt)))
     assert token_accuracy(flawed, batch) == pytest.approx(8 / 9)
     per = token_accuracy(flawed, batch, reduction="none")
     assert per.tolist() == pytest.approx([1.0, 2 / 3, 1.0])
@@ -152,7 +186,7 @@ def test_metrics_on_a_perfect_and_a_flawed_model():
 
 def test_training_loop_learns_and_is_reproducible():
     torch.set_num_threads(1)
-    tok = CharTokenizer("abcdef")
+    tok = CharTokenizer("abcdef", source_width=4)
     pairs = [("abc", "abc"), ("fed", "fed"), ("bad", "bad"), ("cab", "cab")]
     cfg = TrainConfig(steps=60, batch_size=4, lr=1e-2)
     runs = []

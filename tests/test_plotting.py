@@ -4,12 +4,17 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
 
-from fedlora_lite.plotting import plot_client_scores, plot_phase_transition, plot_singular_values, plot_sweep  # noqa: E402
+from fedlora_lite.plotting import (
+    plot_client_scores,
+    plot_phase_transition,
+    plot_singular_values,
+    plot_sweep,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,7 +37,7 @@ def test_phase_transition_heatmap():
 def test_sweep_mean_and_band():
     x = [0.1, 0.2, 0.4]
     trials = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]])
-    fig, ax = plt.subplots()
+    _, ax = plt.subplots()
     out = plot_sweep(x, {"clair": trials, "local": [2.0, 2.0, 2.0]}, xlabel="noise", ylabel="error", logx=True, ax=ax)
     assert out is ax and ax.get_xscale() == "log"
     lines = {line.get_label(): line for line in ax.get_lines()}

@@ -1,5 +1,6 @@
 """Tests for fedlora_lite.simulate: shapes, determinism, contamination kinds, separation, OLS."""
 
+import itertools
 import math
 
 import pytest
@@ -135,7 +136,7 @@ def test_separation_interpolates_from_benign_looking_to_the_kind(kind):
         assert torch.equal(fed.U, feds[0].U) and torch.equal(fed.benign, feds[0].benign)
         assert torch.equal(fed.theta[fed.benign], feds[0].theta[fed.benign])
     assert fractions[0] < 1e-12
-    assert all(b > a for a, b in zip(fractions, fractions[1:]))
+    assert all(b > a for a, b in itertools.pairwise(fractions))
     pure = make_update_federation(kind=kind, seed=9)
     torch.testing.assert_close(feds[-1].theta, pure.theta)
 
@@ -143,7 +144,7 @@ def test_separation_interpolates_from_benign_looking_to_the_kind(kind):
 def test_contaminated_sets_are_nested_as_the_fraction_grows():
     sets = [set(torch.nonzero(make_update_federation(contamination=c, seed=11).contaminated).flatten().tolist())
             for c in (0.1, 0.2, 0.3, 0.4)]
-    assert all(a < b for a, b in zip(sets, sets[1:]))
+    assert all(a < b for a, b in itertools.pairwise(sets))
 
 
 def test_similarity_correlates_the_coefficients():
