@@ -25,7 +25,14 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from .lora import LoraAdapter, LoraFactors, _lora_layers, attach_lora, extract_adapter, lora_factors
+from .lora import (
+    LoraAdapter,
+    LoraFactors,
+    _lora_layers,
+    attach_lora,
+    extract_adapter,
+    lora_factors,
+)
 
 __all__ = ["AdapterError", "check_adapter", "load_lora_factors", "save_adapter", "read_adapter", "load_adapter"]
 
@@ -147,14 +154,14 @@ def save_adapter(adapter: PeftModel | LoraAdapter, path: str | Path, adapter_nam
         adapter = extract_adapter(adapter, adapter_name)
     if not isinstance(adapter, LoraAdapter):
         raise TypeError(f"adapter must be a PeftModel or LoraAdapter, got {type(adapter).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    adapter.lora_config().save_pretrained(str(path))
     scal = {n: f.scaling for n, f in adapter.factors.items()}
     if any(abs(s - adapter.alpha / adapter.r) > 1e-12 * max(1.0, abs(s)) for s in scal.values()):
         raise ValueError("every module's scaling must equal alpha / r to be saved in peft format")
-    meta = {"format": "pt", "fan_in_fan_out": json.dumps({n: f.fan_in_fan_out for n, f in sorted(adapter.factors.items())})}
-    save_file(adapter.state_dict(), str(path / _WEIGHTS_FILE), metadata=meta)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    adapter.lora_config().save_pretrained(str(path))
+    # one metadata key only, as peft writes it (more keys are serialised in random order)
+    save_file(adapter.state_dict(), str(path / _WEIGHTS_FILE), metadata={"format": "pt"})
     return path
 
 
@@ -184,20 +191,21 @@ def read_adapter(path: str | Path, *, name: str | None = None) -> LoraAdapter:
     if cfg.get("peft_type") != "LORA":
         raise AdapterError(f"{label}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if cfg.get("use_dora") or cfg.get("use_rslora"):
-        raise AdapterError(f"{label}: DoRA/rsLoRA adapters are not supported")
-    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise AdapterError(f"{label}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
+    bad_r = isinstance(r, bool) or not isinstance(r, int) or r <= 0
+    if bad_r or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
         raise AdapterError(f"{label}: invalid r={r!r} / lora_alpha={alpha!r} in {_CONFIG_FILE}")
-    with safe_open(str(weights), framework="pt") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise AdapterError(f"{label}: {weights.name} is not a readable safetensors file ({exc})") from exc
     pairs = _as_factor_pairs(state, label)
     check_adapter(state, sorted(pairs), r, name=label)
-    fifo_meta = json.loads(meta.get("fan_in_fan_out", "{}"))
-    default_fifo = bool(cfg.get("fan_in_fan_out", False))
+    fifo = bool(cfg.get("fan_in_fan_out", False))
     factors = {
-        n: LoraFactors(A=ab["A"], B=ab["B"], scaling=float(alpha) / r, fan_in_fan_out=bool(fifo_meta.get(n, default_fifo)))
-        for n, ab in sorted(pairs.items())
+        n: LoraFactors(A=ab["A"], B=ab["B"], scaling=float(alpha) / r, fan_in_fan_out=fifo) for n, ab in sorted(pairs.items())
     }
     return LoraAdapter(factors, r, float(alpha))
 

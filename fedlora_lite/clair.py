@@ -178,8 +178,10 @@ def _fit(updates: Any, name: str, rank: int | str, lam: float | None, mu: float 
         mu = estimate_mu(M, dec0, rank, max_rank)
         solver_options = {**solver_options, "init": dec0}
     dec = decompose(list(M), lam=lam, mu=mu, **solver_options)
-    U_all, s, _ = torch.linalg.svd(dec.L, full_matrices=False)
+    U_all, s = _svd_of_L(dec)
     r = choose_rank(s, max_rank=max_rank) if rank == "auto" else rank
+    if r > U_all.shape[1]:
+        U_all, s = _svd_of_L(dec, r)
     if r == 0:
         warnings.warn(f"{name}: the low-rank part is zero (lam={dec.lam:.3g} too small?); the shared subspace is empty",
                       RuntimeWarning, stacklevel=3)
@@ -208,8 +210,10 @@ def estimate_mu(M: torch.Tensor, exact: Decomposition, rank: int | str = "auto",
         mu > 0 (a tiny positive value if the benign residual is exactly zero).
     """
     K, d, p = M.shape
-    U_all, s, _ = torch.linalg.svd(exact.L, full_matrices=False)
+    U_all, s = _svd_of_L(exact)
     r = choose_rank(s, max_rank=max_rank) if rank == "auto" else int(rank)
+    if r > U_all.shape[1]:
+        U_all, s = _svd_of_L(exact, r)
     sparse_sq = torch.stack([b.pow(2).sum() for b in exact.S_blocks])
     _, flags = _flags(sparse_sq, M.pow(2).sum(dim=(1, 2)), threshold)
     benign = ~flags if bool((~flags).any()) else torch.ones_like(flags)
@@ -220,6 +224,22 @@ def estimate_mu(M: torch.Tensor, exact: Decomposition, rank: int | str = "auto",
     n = K * p
     scale = float(torch.linalg.matrix_norm(M.reshape(-1, 1)))
     return max(sigma * (d**0.5 + n**0.5), 1e-12 * max(scale, 1e-300))
+
+
+def _svd_of_L(dec: Decomposition, need: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left singular vectors (>= ``need`` of them) and all min(d, n) singular values of L-hat.
+
+    Uses the compact SVD the solver kept from its last thresholding step (values
+    zero-padded), which spares a full SVD of the d x n matrix; falls back to the full SVD
+    when more vectors than L-hat's rank are asked for or no compact SVD is available.
+    """
+    svd = getattr(dec, "L_svd", None)
+    if svd is not None and svd[0].shape[1] >= need:
+        s = torch.zeros(min(dec.L.shape), dtype=dec.L.dtype, device=dec.L.device)
+        s[: svd[1].numel()] = svd[1]
+        return svd[0], s
+    U, s, _ = torch.linalg.svd(dec.L, full_matrices=False)
+    return U, s
 
 
 def _flags(sparse_sq: torch.Tensor, total_sq: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

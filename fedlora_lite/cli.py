@@ -50,7 +50,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         metavar="NN",
         help="run only these notebooks (numbers like 02 or names like 02_linear_regression)",
     )
-    p.add_argument("--notebooks", metavar="DIR", help="folder of the notebook sequence (default: the checkout's notebooks/)")
+    p.add_argument(
+        "--notebooks", metavar="DIR", help="folder of the notebook sequence (default: the checkout's notebooks/)"
+    )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-cell execution timeout (default: none)")
@@ -78,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(run)
 
-    refresh = sub.add_parser("refresh", help="re-execute the source notebooks in place (default profile), strip metadata")
-    refresh.add_argument("--out", metavar="DIR", help="folder for executed copies and summary (default: outputs/refresh)")
+    refresh = sub.add_parser(
+        "refresh", help="re-execute the source notebooks in place (default profile), strip metadata"
+    )
+    refresh.add_argument(
+        "--out", metavar="DIR", help="folder for executed copies and summary (default: outputs/refresh)"
+    )
     _add_common(refresh)
 
     lst = sub.add_parser("list", help="list the notebooks with their titles")
@@ -100,7 +106,10 @@ def _print_report(report: RunReport) -> None:
     print(f"summary:            {report.summary_md}")
     print(f"                    {report.summary_csv}")
     n_bad = len(report.failed)
-    print("all notebooks succeeded" if report.ok else f"{n_bad} notebook(s) failed", file=sys.stderr if n_bad else sys.stdout)
+    if n_bad:
+        print(f"{n_bad} notebook(s) failed", file=sys.stderr)
+    else:
+        print("all notebooks succeeded")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

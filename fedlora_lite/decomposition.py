@@ -69,6 +69,9 @@ class Decomposition:
             float64, ``1e-5`` in float32).
         dual: ADMM multiplier Y (exact form), kept for warm starts; None otherwise.
         history: per-iteration (primal, dual) residuals, for convergence plots.
+        L_svd: compact SVD (U (d, k), s (k,), Vh (k, n)) of L from the solver's last
+            singular value thresholding, L = U diag(s) Vh (s descending); saves callers a
+            full SVD of L (CLAIR's subspace, the rank, the nuclear norm).
     """
 
     L: torch.Tensor
@@ -85,6 +88,7 @@ class Decomposition:
     rank: int
     dual: torch.Tensor | None = None
     history: list[tuple[float, float]] = field(default_factory=list, repr=False)
+    L_svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def L_blocks(self) -> tuple[torch.Tensor, ...]:
@@ -127,26 +131,49 @@ def singular_value_threshold(X: torch.Tensor, tau: float, rank_hint: int | None 
     Args:
         X: (d, n) matrix.
         tau: threshold.
-        rank_hint: if given and well below min(d, n), first try a randomized SVD with a few
-            more components than the hint; fall back to the full SVD when the hint was too
-            small (the smallest computed singular value still exceeds tau), so the result is
-            always the exact prox up to the randomized SVD's accuracy.
+        rank_hint: if given and well below min(d, n), first try a randomized SVD (subspace
+            iteration, Halko et al. 2011) with 10 more components than the hint; fall back
+            to the full SVD when the hint was too small (the smallest computed singular
+            value still exceeds tau), so the result is always the exact prox up to the
+            randomized SVD's accuracy. Inside the solvers the subspace is warm-started from
+            the previous iteration's, so its error keeps shrinking as the iterates settle.
 
     Returns:
         (thresholded matrix, its rank, nuclear norm of the result).
     """
+    U, s, Vh, _ = _svt_factors(X, tau, rank_hint)
+    return (U * s) @ Vh, int(s.numel()), float(s.sum())
+
+
+def _randomized_svd(X: torch.Tensor, k: int, start: torch.Tensor | None, generator: torch.Generator | None,
+                    niter: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-k SVD of X (m x n) by subspace iteration from ``start`` (n x <= k), padded with
+    Gaussian columns; returns (U (m, k), s (k,), Vh (k, n))."""
+    cols = [] if start is None else [start[:, :k]]
+    extra = k - (0 if start is None else cols[0].shape[1])
+    if extra > 0:
+        cols.append(torch.randn(X.shape[1], extra, generator=generator, dtype=X.dtype, device=X.device))
+    Qy = torch.linalg.qr(X @ torch.cat(cols, dim=1)).Q
+    for _ in range(niter):
+        Qy = torch.linalg.qr(X @ torch.linalg.qr(X.T @ Qy).Q).Q
+    Ub, s, Vh = torch.linalg.svd(Qy.T @ X, full_matrices=False)
+    return Qy @ Ub, s, Vh
+
+
+def _svt_factors(X: torch.Tensor, tau: float, rank_hint: int | None = None, start: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None):
+    """:func:`singular_value_threshold` as a compact SVD (U, s - tau, Vh) of the kept triplets,
+    plus the right singular basis (n, k) to warm-start the next randomized call (or None)."""
     m = min(X.shape)
     if rank_hint is not None and rank_hint + 10 < m // 2:
         k = min(m, rank_hint + 10)
-        U, s, V = torch.svd_lowrank(X, q=k, niter=4)
+        U, s, Vh = _randomized_svd(X, k, start, generator, niter=4 if start is None else 2)
         if s[-1] <= tau:
             keep = s > tau
-            s_kept = s[keep] - tau
-            return (U[:, keep] * s_kept) @ V[:, keep].T, int(keep.sum()), float(s_kept.sum())
+            return U[:, keep], s[keep] - tau, Vh[keep], Vh.T
     U, s, Vh = torch.linalg.svd(X, full_matrices=False)
     keep = s > tau
-    s_kept = s[keep] - tau
-    return (U[:, keep] * s_kept) @ Vh[keep], int(keep.sum()), float(s_kept.sum())
+    return U[:, keep], s[keep] - tau, Vh[keep], None
 
 
 # --------------------------------------------------------------------------- objective and lambda
@@ -160,19 +187,26 @@ def decomposition_objective(
 ) -> float:
     """Objective of the exact (``mu=None``) or noisy form at (L, S); all matrices (d, n)."""
     idx = _block_index(block_sizes, M.device)
-    nuc = torch.linalg.matrix_norm(L, ord="nuc")
-    blk = block_frobenius_norms(S, idx, len(block_sizes)).sum()
+    return _objective(float(torch.linalg.matrix_norm(L, ord="nuc")), L, S, M, idx, len(block_sizes), lam, mu)
+
+
+def _objective(nuc: float, L: torch.Tensor, S: torch.Tensor, M: torch.Tensor, idx: torch.Tensor, K: int,
+               lam: float, mu: float | None) -> float:
+    blk = float(block_frobenius_norms(S, idx, K).sum())
     if mu is None:
-        return float(nuc + lam * blk)
-    return float(0.5 * torch.sum((M - L - S) ** 2) + mu * (nuc + lam * blk))
+        return nuc + lam * blk
+    return float(0.5 * torch.sum((M - L - S) ** 2)) + mu * (nuc + lam * blk)
+
+
+def _rank_from_singular_values(s: torch.Tensor, dtype: torch.dtype) -> int:
+    if s.numel() == 0 or s[0] == 0:
+        return 0
+    rtol = 1e-9 if dtype == torch.float64 else 1e-5
+    return int((s > rtol * s[0]).sum())
 
 
 def _numerical_rank(X: torch.Tensor) -> int:
-    s = torch.linalg.svdvals(X)
-    if s.numel() == 0 or s[0] == 0:
-        return 0
-    rtol = 1e-9 if X.dtype == torch.float64 else 1e-5
-    return int((s > rtol * s[0]).sum())
+    return _rank_from_singular_values(torch.linalg.svdvals(X), X.dtype)
 
 
 def default_lambda(blocks: Any) -> float:
@@ -206,18 +240,23 @@ def default_lambda(blocks: Any) -> float:
         The default lam (a positive float).
     """
     mats = as_block_list(blocks, "blocks", same_width=False)
+    return _default_lambda(mats, torch.linalg.svdvals(torch.cat(mats, dim=1)))
+
+
+def _default_lambda(mats: list[torch.Tensor], stack_singular_values: torch.Tensor) -> float:
     K = len(mats)
     p_eff = max(max(_numerical_rank(m) for m in mats), 1)
-    d_eff = max(_numerical_rank(torch.cat(mats, dim=1)), K * p_eff / 2.0)
+    d_eff = max(_rank_from_singular_values(stack_singular_values, mats[0].dtype), K * p_eff / 2.0)
     lam_lo = math.sqrt(p_eff / K)
     lam_hi = 1.0 / (1.0 / math.sqrt(p_eff) + math.sqrt(K / (2.0 * d_eff)))
     return math.sqrt(lam_lo * lam_hi)
 
 
 # --------------------------------------------------------------------------- solvers
-def _solve_exact(M, idx, K, lam, max_iter, tol, init, progress, svd_rank_hint):
+def _solve_exact(M, idx, K, lam, max_iter, tol, init, progress, svd_rank_hint, spec=None):
     norm_M = float(torch.linalg.matrix_norm(M))
-    spec = float(torch.linalg.matrix_norm(M, ord=2))
+    if spec is None:
+        spec = float(torch.linalg.matrix_norm(M, ord=2))
     if init is not None:
         L, S = init.L.clone(), init.S.clone()
         Y = init.dual.clone() if init.dual is not None else torch.zeros_like(M)
@@ -231,10 +270,12 @@ def _solve_exact(M, idx, K, lam, max_iter, tol, init, progress, svd_rank_hint):
     history: list[tuple[float, float]] = []
     converged = False
     rank = 0
+    basis, gen = None, _svt_generator(M, svd_rank_hint)
     bar = _progress(progress, max_iter, "exact-form ADMM")
     it = 0
     for it in range(1, max_iter + 1):
-        L, rank, _ = singular_value_threshold(M - S + Y / rho, 1.0 / rho, svd_rank_hint and max(rank, svd_rank_hint))
+        *L_svd, basis = _svt_factors(M - S + Y / rho, 1.0 / rho, svd_rank_hint and max(rank, svd_rank_hint), basis, gen)
+        L, rank = (L_svd[0] * L_svd[1]) @ L_svd[2], int(L_svd[1].numel())
         S_prev = S
         S = block_soft_threshold(M - L + Y / rho, lam / rho, idx, K)
         R = M - L - S
@@ -259,7 +300,7 @@ def _solve_exact(M, idx, K, lam, max_iter, tol, init, progress, svd_rank_hint):
     if bar is not None:
         bar.close()
     primal, dual = history[-1]
-    return L, S, Y, it, converged, primal, dual, history
+    return L, S, Y, it, converged, primal, dual, history, tuple(L_svd)
 
 
 def _solve_noisy(M, idx, K, lam, mu, max_iter, tol, init, progress, svd_rank_hint):
@@ -273,24 +314,26 @@ def _solve_noisy(M, idx, K, lam, mu, max_iter, tol, init, progress, svd_rank_hin
 
     L = init.L.clone() if init is not None else torch.zeros_like(M)
     Z, t = L.clone(), 1.0
-    nuc = float(torch.linalg.matrix_norm(L, ord="nuc"))
+    nuc = float(torch.linalg.matrix_norm(L, ord="nuc")) if init is not None else 0.0
     f_prev = objective(L, nuc)
     scale = max(float(torch.linalg.matrix_norm(M)), 1e-30)
     history: list[tuple[float, float]] = []
     converged = False
     rank = 0
+    basis, gen = None, _svt_generator(M, svd_rank_hint)
     bar = _progress(progress, max_iter, "noisy-form APG")
     it = 0
     for it in range(1, max_iter + 1):
         # gradient step of size 1 on the block-Huber term = S-update, then the prox of mu*||.||_*
-        L_new, rank, nuc = singular_value_threshold(M - s_of(Z), mu, svd_rank_hint and max(rank, svd_rank_hint))
+        *svd, basis = _svt_factors(M - s_of(Z), mu, svd_rank_hint and max(rank, svd_rank_hint), basis, gen)
+        L_new, rank, nuc = (svd[0] * svd[1]) @ svd[2], int(svd[1].numel()), float(svd[1].sum())
         step = float(torch.linalg.matrix_norm(L_new - L)) / scale
         f_new = objective(L_new, nuc)
         if f_new > f_prev:  # adaptive restart (O'Donoghue & Candes 2015): drop momentum
             t = 1.0
         t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t * t))
         Z = L_new + ((t - 1.0) / t_next) * (L_new - L)
-        L, t, f_prev = L_new, t_next, f_new
+        L, t, f_prev, L_svd = L_new, t_next, f_new, svd
         history.append((0.0, step))
         if bar is not None:
             bar.update(1)
@@ -300,7 +343,12 @@ def _solve_noisy(M, idx, K, lam, mu, max_iter, tol, init, progress, svd_rank_hin
     if bar is not None:
         bar.close()
     S = s_of(L)
-    return L, S, None, it, converged, 0.0, history[-1][1], history
+    return L, S, None, it, converged, 0.0, history[-1][1], history, tuple(L_svd)
+
+
+def _svt_generator(M: torch.Tensor, svd_rank_hint: int | None) -> torch.Generator | None:
+    # a private seeded stream: the randomized SVT is reproducible and leaves the global RNG alone
+    return torch.Generator(device=M.device).manual_seed(0) if svd_rank_hint else None
 
 
 def _progress(progress: bool, total: int, desc: str):
@@ -332,7 +380,8 @@ def decompose(
         mu: None solves the exact form (L + S = M); a positive float solves the noisy form.
         max_iter: iteration cap.
         tol: stopping tolerance on the relative residuals; default 1e-9 in float64 and
-            1e-6 in float32.
+            1e-5 in float32 (float32 round-off leaves a floor of a few 1e-6 under the
+            residuals of stacks with hundreds of rows or more, so 1e-6 may never be met).
         init: a previous :class:`Decomposition` of the same shape to warm-start from (e.g.
             along a lam path).
         svd_rank_hint: expected rank of L; when far below min(d, n), SVT uses a randomized
@@ -349,13 +398,18 @@ def decompose(
     M = torch.cat(mats, dim=1)
     sizes = tuple(int(m.shape[1]) for m in mats)
     K = len(sizes)
-    lam = default_lambda(mats) if lam is None else check_positive(lam, "lam")
+    stack_sv = None
+    if lam is None:  # the stack's singular values give lam's effective sizes and the spectral norm
+        stack_sv = torch.linalg.svdvals(M)
+        lam = _default_lambda(mats, stack_sv)
+    else:
+        lam = check_positive(lam, "lam")
     if mu is not None:
         mu = check_positive(mu, "mu")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     if tol is None:
-        tol = 1e-9 if M.dtype == torch.float64 else 1e-6
+        tol = 1e-9 if M.dtype == torch.float64 else 1e-5
     tol = check_positive(tol, "tol")
     if svd_rank_hint is not None and (isinstance(svd_rank_hint, bool) or not isinstance(svd_rank_hint, int) or svd_rank_hint < 1):
         raise ValueError(f"svd_rank_hint must be a positive int or None, got {svd_rank_hint!r}")
@@ -370,26 +424,31 @@ def decompose(
     if float(torch.linalg.matrix_norm(M)) == 0.0:
         zero = torch.zeros_like(M)
         return Decomposition(zero, zero.clone(), sizes, torch.zeros(K, dtype=M.dtype, device=M.device),
-                             0.0, 0, True, lam, mu, 0.0, 0.0, 0, None, [])
+                             0.0, 0, True, lam, mu, 0.0, 0.0, 0, None, [],
+                             L_svd=(zero[:, :0], zero[0, :0], zero[:0, :]))
     if mu is None:
-        L, S, Y, it, conv, primal, dual, hist = _solve_exact(M, idx, K, lam, max_iter, tol, init, progress, svd_rank_hint)
+        spec = None if stack_sv is None else float(stack_sv[0])
+        L, S, Y, it, conv, primal, dual, hist, L_svd = _solve_exact(M, idx, K, lam, max_iter, tol, init, progress,
+                                                                     svd_rank_hint, spec)
     else:
-        L, S, Y, it, conv, primal, dual, hist = _solve_noisy(M, idx, K, lam, mu, max_iter, tol, init, progress, svd_rank_hint)
+        L, S, Y, it, conv, primal, dual, hist, L_svd = _solve_noisy(M, idx, K, lam, mu, max_iter, tol, init, progress,
+                                                                     svd_rank_hint)
     return Decomposition(
         L=L,
         S=S,
         block_sizes=sizes,
         block_norms=block_frobenius_norms(S, idx, K),
-        objective=decomposition_objective(L, S, M, sizes, lam, mu),
+        objective=_objective(float(L_svd[1].sum()), L, S, M, idx, K, lam, mu),
         iterations=it,
         converged=conv,
         lam=lam,
         mu=mu,
         primal_residual=primal,
         dual_residual=dual,
-        rank=_numerical_rank(L) if L.abs().max() > 0 else 0,
+        rank=_rank_from_singular_values(L_svd[1], L.dtype),
         dual=Y,
         history=hist,
+        L_svd=L_svd,
     )
 
 

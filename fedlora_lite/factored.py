@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from .clair import _check_threshold, _flags, choose_rank
+from .clair import _check_threshold, _flags, _svd_of_L, choose_rank
 from .decomposition import Decomposition, decompose
 from .validation import as_matrix, check_choice, check_fraction, check_positive
 
@@ -75,6 +75,8 @@ __all__ = [
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 _SIDES = ("column", "row")
+AUTO_RANK_HINT_MIN = 256
+"""Reduced problems at least this large on their smaller side use the randomized SVT by default."""
 _REFINE = ("average", "project")
 
 
@@ -319,15 +321,6 @@ class _FactoredFit:
     mu: float | None
 
 
-def _left_singular(dec: Decomposition, need: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left singular vectors (at least ``need`` of them when available) and values of L-hat."""
-    svd = getattr(dec, "L_svd", None)  # compact SVD kept by the solver, when it provides one
-    if svd is not None and svd[0].shape[1] >= need:
-        return svd[0], svd[1]
-    U, s, _ = torch.linalg.svd(dec.L, full_matrices=False)
-    return U, s
-
-
 def _check_rank_args(rank: Any, max_rank: Any, dmax: int, q: int, side: str) -> None:
     if isinstance(rank, str):
         if rank != "auto":
@@ -351,10 +344,10 @@ def _estimate_mu(red: FactoredReduction, exact: Decomposition, total_sq: torch.T
                  max_rank: int | None, threshold: float = 0.5) -> float:
     # fedlora_lite.clair.estimate_mu evaluated through the reduction (dense d, p in the formula)
     (d, p), K = red.shape, len(red.blocks)
-    Ut, s = _left_singular(exact, 0)
+    Ut, s = _svd_of_L(exact)
     r = choose_rank(_padded(s, min(d, K * p)), max_rank=max_rank) if rank == "auto" else int(rank)
     if r > Ut.shape[1]:
-        Ut, s = _left_singular(exact, r)
+        Ut, s = _svd_of_L(exact, r)
     _, flags = _flags(exact.block_norms.pow(2), total_sq, threshold)
     benign = ~flags if bool((~flags).any()) else torch.ones_like(flags)
     U = Ut[:, :r]
@@ -372,6 +365,9 @@ def _fit_factored(work: list[Pair], name: str, rank: Any, lam: float | None, mu:
     dmax = min(d, K * p)
     _check_rank_args(rank, max_rank, dmax, red.q, side)
     blocks = list(red.blocks)
+    if "svd_rank_hint" not in solver_options and min(red.q, sum(red.block_sizes)) >= AUTO_RANK_HINT_MIN:
+        # large reduced problem: randomized truncated SVT (full-SVD fallback when the hint is low)
+        solver_options = {**solver_options, "svd_rank_hint": max(red.block_sizes)}
     total_sq = torch.stack([b.pow(2).sum() for b in blocks])
     if isinstance(mu, str):
         if mu != "auto":
@@ -380,11 +376,11 @@ def _fit_factored(work: list[Pair], name: str, rank: Any, lam: float | None, mu:
         mu = _estimate_mu(red, dec0, total_sq, rank, max_rank)
         solver_options = {**solver_options, "init": dec0}
     dec = decompose(blocks, lam=lam, mu=mu, **solver_options)
-    Ut, s = _left_singular(dec, 0)
+    Ut, s = _svd_of_L(dec)
     s_full = _padded(s, dmax)
     r = choose_rank(s_full, max_rank=max_rank) if rank == "auto" else rank
     if r > Ut.shape[1]:
-        Ut, _ = _left_singular(dec, r)
+        Ut, _ = _svd_of_L(dec, r)
     if r == 0:
         warnings.warn(f"{name}: the low-rank part is zero (lam={dec.lam:.3g} too small?); the shared subspace is empty",
                       RuntimeWarning, stacklevel=3)

@@ -406,10 +406,14 @@ def deltas_to_lora_state(
     """
     if not isinstance(deltas, Mapping) or not deltas:
         raise ValueError("deltas must be a non-empty mapping module name -> tensor")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
     alpha = float(2 * rank if alpha is None else check_positive(alpha, "alpha"))
+    if isinstance(fan_in_fan_out, Mapping) and set(deltas) - set(fan_in_fan_out):
+        raise ValueError(f"fan_in_fan_out has no entry for modules {sorted(set(deltas) - set(fan_in_fan_out))}")
     factors = {}
     for n, d in sorted(deltas.items()):
-        fifo = fan_in_fan_out[n] if isinstance(fan_in_fan_out, Mapping) else bool(fan_in_fan_out)
+        fifo = bool(fan_in_fan_out[n]) if isinstance(fan_in_fan_out, Mapping) else bool(fan_in_fan_out)
         if not torch.isfinite(torch.as_tensor(d)).all():
             raise ValueError(f"delta for {n!r} contains NaN or Inf")
         factors[n], _ = factorize_delta(d, rank, scaling=alpha / rank, fan_in_fan_out=fifo, orientation=orientation)

@@ -45,6 +45,7 @@ from .runtime import resolve_device
 __all__ = [
     "CharTokenizer",
     "ModelConfig",
+    "BaseCheckpoint",
     "build_model",
     "count_parameters",
     "max_target_length",
@@ -278,6 +279,9 @@ def build_model(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             model = GPT2LMHeadModel(gcfg)
+    # transformers infers the loss from the class name; "GPT2LMHeadModel" maps to nothing and
+    # triggers a warning on first use. It is a causal LM loss: say so explicitly.
+    model.loss_type = "ForCausalLM"
     return model.to(resolve_device(device)).eval()
 
 
@@ -361,8 +365,10 @@ def save_base(
     path.mkdir(parents=True, exist_ok=True)
     # the LM head is tied to the token embedding: store it once
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(path / _WEIGHTS), metadata={"format": "pt", "tied": "lm_head.weight=transformer.wte.weight"})
-    cfg_json = {"model": asdict(cfg), "pretraining": metadata or {}}
+    # a single metadata key: safetensors writes metadata in hash-map order, and more keys
+    # would make the bytes (and the checksum) differ from run to run
+    save_file(state, str(path / _WEIGHTS), metadata={"format": "pt"})
+    cfg_json = {"model": asdict(cfg), "tied_weights": {"lm_head.weight": "transformer.wte.weight"}, "pretraining": metadata or {}}
     (path / _CONFIG).write_text(json.dumps(cfg_json, indent=1, sort_keys=True) + "\n")
     tokenizer.save(path / _TOKENIZER)
     lines = [f"{sha256_file(path / f)}  {f}" for f in (_WEIGHTS, _CONFIG, _TOKENIZER)]

@@ -17,16 +17,36 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
-from .models import DEFAULT_SOURCE_WIDTH, CharTokenizer, ModelConfig, build_model, count_parameters, max_target_length, save_base
+from .models import (
+    DEFAULT_SOURCE_WIDTH,
+    BaseCheckpoint,
+    CharTokenizer,
+    ModelConfig,
+    build_model,
+    count_parameters,
+    load_base,
+    max_target_length,
+    save_base,
+)
 from .runtime import make_generator, resolve_device
 from .sequences import collate, greedy_exact_match, token_accuracy
 from .training import TrainConfig, TrainHistory, train_on_pairs
 from .validation import check_fraction
 
-__all__ = ["LOWERCASE", "PretrainConfig", "PretrainResult", "random_copy_pairs", "mixed_copy_pairs", "pretrain", "main"]
+__all__ = [
+    "LOWERCASE",
+    "PretrainConfig",
+    "PretrainResult",
+    "random_copy_pairs",
+    "mixed_copy_pairs",
+    "pretrain",
+    "load_or_pretrain",
+    "main",
+]
 
 
 LOWERCASE = "abcdefghijklmnopqrstuvwxyz "
@@ -167,6 +187,46 @@ def pretrain(cfg: PretrainConfig | None = None, *, device: str | torch.device = 
     return PretrainResult(model, tokenizer, cfg, history, float(acc), float(em), count_parameters(model))
 
 
+def load_or_pretrain(
+    path: str | Path,
+    cfg: PretrainConfig | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> BaseCheckpoint:
+    """Load the base at ``path`` if it was trained with ``cfg``; otherwise pretrain and save it there.
+
+    The cache key is the full configuration (model size, template, data, optimisation,
+    seed) stored in the checkpoint's ``config.json``; a checkpoint made with different
+    settings is retrained, never silently reused. Use it for bases other than the shipped
+    one (e.g. a larger ``full``-profile model on a GPU, cached under a run's output dir).
+
+    Returns:
+        :class:`~fedlora_lite.models.BaseCheckpoint` ``(model, tokenizer, config)`` on ``device``.
+    """
+    cfg = cfg or PretrainConfig()
+    path = Path(path)
+    want = {"model": asdict(cfg.model), "settings": _settings(cfg)}
+    if (path / "config.json").is_file():
+        have = json.loads((path / "config.json").read_text())
+        if {"model": have.get("model"), "settings": _settings_from_metadata(have.get("pretraining", {}))} == want:
+            return load_base(path, device)
+    res = pretrain(cfg, device=device, progress=progress)
+    save_base(res.model.cpu(), res.tokenizer, cfg.model, path, metadata=res.metadata())
+    return load_base(path, device)
+
+
+_SETTING_KEYS = ("seed", "source_width", "min_len", "max_len", "lowercase_fraction", "train")
+
+
+def _settings(cfg: PretrainConfig) -> dict:
+    return {k: (asdict(cfg.train) if k == "train" else getattr(cfg, k)) for k in _SETTING_KEYS}
+
+
+def _settings_from_metadata(meta: dict) -> dict:
+    return {k: meta.get(k) for k in _SETTING_KEYS}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: ``python -m fedlora_lite.pretrain --out DIR``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,13 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--n-embd", type=int, default=None)
     p.add_argument("--n-head", type=int, default=None)
+    p.add_argument("--n-positions", type=int, default=None)
     p.add_argument("--source-width", type=int, default=DEFAULT_SOURCE_WIDTH, help="width of the source field")
     p.add_argument("--progress", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model_cfg = ModelConfig(
-        **{k: v for k, v in (("n_layer", args.n_layer), ("n_embd", args.n_embd), ("n_head", args.n_head)) if v is not None}
-    )
+    sizes = {"n_layer": args.n_layer, "n_embd": args.n_embd, "n_head": args.n_head, "n_positions": args.n_positions}
+    model_cfg = ModelConfig(**{k: v for k, v in sizes.items() if v is not None})
     cfg = PretrainConfig(model=model_cfg, seed=args.seed, source_width=args.source_width, max_len=args.source_width)
     if args.steps is not None:
         cfg.train = TrainConfig(**{**asdict(cfg.train), "steps": args.steps})

@@ -41,6 +41,7 @@ from .reporting import (
     write_summary_csv,
     write_summary_markdown,
 )
+from .validation import check_choice
 
 __all__ = [
     "NotebookInfo",
@@ -207,7 +208,8 @@ def pinned_python_kernel(kernel_name: str = "python3") -> Iterator[None]:
 
     A temporary kernelspec is put first on ``JUPYTER_PATH``, which jupyter_client searches
     before the user and environment data folders. Non-``python3`` kernel names are left
-    alone (the caller asked for a specific kernel).
+    alone (the caller asked for a specific kernel). Unless ``OMP_WAIT_POLICY`` is already
+    set, the kernel gets ``OMP_WAIT_POLICY=PASSIVE`` (see the comment in the code).
     """
     if kernel_name != "python3":
         yield
@@ -223,6 +225,10 @@ def pinned_python_kernel(kernel_name: str = "python3") -> Iterator[None]:
             spec = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python"}
         spec["argv"] = [sys.executable, *spec["argv"][1:]]
         spec["display_name"] = KERNELSPEC["display_name"]
+        if "OMP_WAIT_POLICY" not in os.environ:
+            # Spinning OpenMP workers make small torch ops (the solver's SVDs) 10x slower as
+            # soon as another process competes for the cores; sleeping workers cost ~nothing.
+            spec["env"] = {"OMP_WAIT_POLICY": "PASSIVE"}
         (kdir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = tmp if not old else tmp + os.pathsep + old
@@ -308,14 +314,17 @@ def _execute(
     return time.perf_counter() - t0, error
 
 
-def _collect(info: NotebookInfo, output: Path, output_dir: Path | None, wall: float, error: CellError | None) -> NotebookRun:
+def _collect(
+    info: NotebookInfo, output: Path, output_dir: Path | None, wall: float, error: CellError | None
+) -> NotebookRun:
     results = None
     if error is None:
         path = None if output_dir is None else output_dir / RESULTS_FILENAME
         if path is None or not path.is_file():
             error = CellError(
                 ename="MissingResults",
-                evalue=f"the notebook finished but wrote no {RESULTS_FILENAME} to output_dir={output_dir} (call save_results)",
+                evalue=f"the notebook finished but wrote no {RESULTS_FILENAME} to output_dir={output_dir} "
+                "(call save_results)",
             )
         else:
             try:
@@ -380,10 +389,12 @@ def run_notebooks(
         A :class:`RunReport`; ``report.exit_code`` is nonzero when any notebook failed.
 
     Raises:
-        ValueError: unknown ``profile``, bad ``only`` or reserved ``parameters`` names.
+        ValueError: unknown ``profile``, bad ``only``, reserved ``parameters`` names, or no
+            notebooks found.
     """
-    if profile not in PROFILES:
-        raise ValueError(f"profile must be one of {list(PROFILES)}, got {profile!r}")
+    check_choice(profile, "profile", PROFILES)
+    if parameters is not None and not isinstance(parameters, Mapping):
+        raise TypeError(f"parameters must be a mapping of name to value, got {type(parameters).__name__}")
     parameters = dict(parameters or {})
     clash = [k for k in _RESERVED_PARAMETERS if k in parameters]
     if clash:
@@ -393,6 +404,8 @@ def run_notebooks(
         raise ValueError(f"parameters names must be Python identifiers, got {bad}")
     nb_dir = default_notebooks_dir() if notebooks_dir is None else Path(notebooks_dir).resolve()
     notebooks = discover_notebooks(nb_dir, only)
+    if not notebooks:
+        raise ValueError(f"no NN_topic.ipynb notebooks found in {nb_dir}")
     out_dir = (nb_dir.parent / "outputs" / profile) if out is None else Path(out)
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -442,8 +455,9 @@ def strip_notebook_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     Removes top-level ``papermill`` and ``widgets`` metadata, per-cell ``papermill`` and
     ``execution`` metadata, empty ``tags`` lists, papermill's injected-parameters and
     error-marker cells, and widget views from outputs that also have a plain-text form
-    (their state is not kept); sets the kernelspec to ``python3``. Outputs, execution
-    counts and tags are kept.
+    (their state is not kept); merges consecutive stream outputs of the same stream (the
+    split depends on kernel flush timing); sets the kernelspec to ``python3``. Outputs,
+    execution counts and tags are kept.
     """
     if not isinstance(nb, nbformat.NotebookNode):
         raise TypeError(f"nb must be an nbformat.NotebookNode, got {type(nb).__name__}")
@@ -460,10 +474,23 @@ def strip_notebook_metadata(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
         cell.metadata.pop("execution", None)
         if tags == []:
             cell.metadata.pop("tags")
+        outputs = []
         for output in cell.get("outputs", []):
             data = output.get("data")
             if data is not None and _WIDGET_MIME in data and "text/plain" in data:
                 data.pop(_WIDGET_MIME)
+            prev = outputs[-1] if outputs else None
+            if (
+                output.get("output_type") == "stream"
+                and prev is not None
+                and prev.get("output_type") == "stream"
+                and prev.get("name") == output.get("name")
+            ):
+                prev["text"] += output["text"]  # how the kernel chunked a print loop is noise
+                continue
+            outputs.append(output)
+        if cell.cell_type == "code":
+            cell.outputs = outputs
         cells.append(cell)
     nb.cells = cells
     return nb
@@ -498,6 +525,8 @@ def refresh_notebooks(
     """
     nb_dir = default_notebooks_dir() if notebooks_dir is None else Path(notebooks_dir).resolve()
     notebooks = discover_notebooks(nb_dir, only)
+    if not notebooks:
+        raise ValueError(f"no NN_topic.ipynb notebooks found in {nb_dir}")
     params = {}
     for info in notebooks:
         params[info.name] = _parameters_cell(nbformat.read(info.path, as_version=4), info.name)

@@ -193,7 +193,8 @@ def greedy_decode(
     needed: deterministic, and the same computation on any device.
 
     Args:
-        model: causal LM.
+        model: a Hugging Face causal LM (plain or peft); decoding uses its key/value cache
+            (``past_key_values``), so each step feeds one new token.
         tokenizer: the character tokenizer.
         sources: N source strings.
         max_new_tokens: generation budget, one int for all or one per source; default
@@ -228,10 +229,15 @@ def greedy_decode(
             seq = torch.tensor([prompts[i] for i in idx], dtype=torch.long, device=device)
             steps = max(budgets[i] for i in idx)
             done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+            step_input, past = seq, None
             for _ in range(steps):
-                nxt = model(input_ids=seq).logits[:, -1].argmax(-1)
+                # key/value cache: each step feeds only the newest token
+                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_id), nxt)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
+                step_input = nxt[:, None]
                 done |= nxt == tokenizer.eos_id
                 if bool(done.all()):
                     break

@@ -27,13 +27,23 @@ can. Held-out evaluation pairs of client k come from client k's own distribution
 task, so a method is scored on what *that client* needs.
 
 Contaminated clients (same topics and data sizes, so nothing but their targets gives
-them away) come in several kinds (:data:`CONTAMINATION_KINDS`):
+them away) come in several kinds (:data:`CONTAMINATION_KINDS`). Each contaminated client
+draws its own corruption, so contaminated clients do not collude (``colluding=True``
+makes all clients of a kind share one draw, a coordinated attack):
 
-* ``"corrupted"`` — corrupted targets: every letter of the target is replaced by a
-  uniformly random letter (label noise; a systematically useless update);
-* ``"conflicting"`` — a conflicting task: a *different* derangement of the same letters A
-  (e.g. the inverse permutation); its update reads the same letters but writes
-  different ones, pulling an average away from the benign task;
+* ``"corrupted"`` — corrupted targets: the client's labels are scrambled by its own
+  random permutation of the whole alphabet (systematic label flipping, e.g. a broken
+  preprocessing pipeline);
+* ``"conflicting"`` — a conflicting task: a substitution on ``num_shared`` *other*
+  letters (outside A and B), which benign clients need copied unchanged; an average that
+  includes these clients starts substituting those letters for everyone;
+* ``"remapped"`` — a different derangement of the *same* letters A. Its update reads the
+  same letters and writes into the same output directions as the benign updates, only
+  with different coefficients, so it lies (nearly) inside their shared subspace: a
+  deliberately hard case for any subspace-based detector;
+* ``"noisy"`` — pure label noise: every target letter is a fresh uniformly random
+  letter. The *expected* update is the same for every such client ("forget the
+  source"), so several noisy clients look alike;
 * ``"reversed"`` — the target is the source written backwards (a different, coherent
   task that moves attention rather than letters).
 
@@ -64,7 +74,7 @@ __all__ = [
     "apply_substitution",
 ]
 
-CONTAMINATION_KINDS: tuple[str, ...] = ("corrupted", "conflicting", "reversed")
+CONTAMINATION_KINDS: tuple[str, ...] = ("corrupted", "conflicting", "remapped", "noisy", "reversed")
 """Names of the contaminated-client kinds :func:`make_copy_task` can generate."""
 
 _BENIGN = "benign"
@@ -107,6 +117,7 @@ class CopyTaskConfig:
         eval_size: held-out pairs per client.
         length: (low, high) source length in characters, drawn uniformly (inclusive).
         word_length: (low, high) letters per word.
+        colluding: contaminated clients of one kind share a single corruption draw.
     """
 
     num_clients: int = 10
@@ -121,6 +132,7 @@ class CopyTaskConfig:
     eval_size: int = 64
     length: tuple[int, int] = (8, 16)
     word_length: tuple[int, int] = (2, 6)
+    colluding: bool = False
 
     def __post_init__(self) -> None:
         _check_int(self.num_clients, "num_clients", 3)
@@ -137,9 +149,11 @@ class CopyTaskConfig:
         _check_int(self.num_private, "num_private", 0)
         if self.num_private == 1:
             raise ValueError("num_private must be 0 or >= 2 (a substitution needs two letters)")
-        if self.num_shared + self.num_private > len(self.letters):
+        needed = 2 * self.num_shared + self.num_private
+        if needed > len(self.letters):
             raise ValueError(
-                f"num_shared + num_private = {self.num_shared + self.num_private} exceeds the {len(self.letters)} letters"
+                f"2 * num_shared + num_private = {needed} exceeds the {len(self.letters)} letters "
+                "(A, B and a conflicting client's num_shared letters must be disjoint)"
             )
         _check_int(self.focus_size, "focus_size", 1)
         if self.focus_size > len(self.letters):
@@ -149,6 +163,8 @@ class CopyTaskConfig:
         _check_int(self.eval_size, "eval_size", 1)
         object.__setattr__(self, "length", _check_range(self.length, "length", 1))
         object.__setattr__(self, "word_length", _check_range(self.word_length, "word_length", 1))
+        if not isinstance(self.colluding, bool):
+            raise TypeError(f"colluding must be a bool, got {type(self.colluding).__name__}")
 
     @property
     def num_contaminated(self) -> int:
@@ -205,6 +221,7 @@ class FederatedCopyTask:
         shared_map: the benign clients' common substitution on A.
         shared_letters: A, the letters moved by ``shared_map``.
         private_letters: B (empty when ``num_private == 0``).
+        other_letters: the letters outside A and B (where conflicting clients substitute).
     """
 
     config: CopyTaskConfig
@@ -212,6 +229,7 @@ class FederatedCopyTask:
     shared_map: dict[str, str]
     shared_letters: str
     private_letters: str
+    other_letters: str = ""
 
     @property
     def num_clients(self) -> int:
@@ -245,7 +263,7 @@ class FederatedCopyTask:
         ]
         n_cont = sum(not c.benign for c in clients)
         cfg = CopyTaskConfig(**{**asdict(self.config), "num_clients": len(idx), "contamination": n_cont / len(idx)})
-        return FederatedCopyTask(cfg, clients, self.shared_map, self.shared_letters, self.private_letters)
+        return FederatedCopyTask(cfg, clients, self.shared_map, self.shared_letters, self.private_letters, self.other_letters)
 
 
 def random_derangement(letters: str, generator: torch.Generator, *, avoid: dict[str, str] | None = None) -> dict[str, str]:
@@ -304,7 +322,7 @@ def _sentence(cfg: CopyTaskConfig, probs: torch.Tensor, generator: torch.Generat
 
 
 def _target(kind: str, src: str, mapping: dict[str, str], cfg: CopyTaskConfig, generator: torch.Generator) -> str:
-    if kind == "corrupted":
+    if kind == "noisy":
         idx = torch.randint(0, len(cfg.letters), (len(src),), generator=generator).tolist()
         return "".join(ch if ch == " " else cfg.letters[i] for ch, i in zip(src, idx))
     if kind == "reversed":
@@ -320,16 +338,31 @@ def _make_client(
     n_train = int(torch.randint(lo, hi + 1, (1,), generator=generator))
     train = [(s, _target(kind, s, mapping, cfg, generator)) for s in (_sentence(cfg, probs, generator) for _ in range(n_train))]
     ev = [(s, _target(kind, s, mapping, cfg, generator)) for s in (_sentence(cfg, probs, generator) for _ in range(cfg.eval_size))]
-    return CopyClient(index, kind, train, ev, dict(mapping) if kind in (_BENIGN, "conflicting") else {}, topic, probs)
+    return CopyClient(index, kind, train, ev, dict(mapping), topic, probs)
 
 
-def _draw_structure(cfg: CopyTaskConfig, generator: torch.Generator) -> tuple[str, str, dict[str, str], dict[str, str]]:
+def _draw_structure(cfg: CopyTaskConfig, generator: torch.Generator) -> tuple[str, str, str, dict[str, str]]:
     perm = torch.randperm(len(cfg.letters), generator=generator).tolist()
-    shared = "".join(sorted(cfg.letters[i] for i in perm[: cfg.num_shared]))
-    private = "".join(sorted(cfg.letters[i] for i in perm[cfg.num_shared : cfg.num_shared + cfg.num_private]))
-    shared_map = random_derangement(shared, generator)
-    conflict_map = random_derangement(shared, generator, avoid=shared_map)
-    return shared, private, shared_map, conflict_map
+    a, b = cfg.num_shared, cfg.num_private
+
+    def pick(idx: list[int]) -> str:
+        return "".join(sorted(cfg.letters[i] for i in idx))
+
+    shared, private, other = pick(perm[:a]), pick(perm[a : a + b]), pick(perm[a + b :])
+    return shared, private, other, random_derangement(shared, generator)
+
+
+def _contamination_map(kind: str, task_letters: tuple[str, str, str, dict[str, str]], cfg: CopyTaskConfig,
+                       generator: torch.Generator) -> dict[str, str]:
+    shared, _, other, shared_map = task_letters
+    if kind == "corrupted":
+        return random_derangement(cfg.letters, generator)
+    if kind == "conflicting":
+        chosen = torch.randperm(len(other), generator=generator)[: cfg.num_shared].tolist()
+        return random_derangement("".join(sorted(other[i] for i in chosen)), generator)
+    if kind == "remapped":
+        return random_derangement(shared, generator, avoid=shared_map)
+    return {}
 
 
 def make_client_pool(
@@ -360,18 +393,26 @@ def make_client_pool(
     K = num_benign + num_contaminated
     if K < 3:
         raise ValueError(f"a federation needs at least 3 clients, got num_benign + num_contaminated = {K}")
-    shared, private, shared_map, conflict_map = _draw_structure(cfg, generator)
+    structure = _draw_structure(cfg, generator)
+    shared, private, other, shared_map = structure
     clients: list[CopyClient] = []
     for i in range(num_benign):
         mapping = dict(shared_map)
         if cfg.num_private:
             mapping.update(random_derangement(private, generator))
         clients.append(_make_client(i, _BENIGN, mapping, cfg, generator))
+    colluding_maps: dict[str, dict[str, str]] = {}
     for j in range(num_contaminated):
         kind = cfg.kinds[j % len(cfg.kinds)]
-        clients.append(_make_client(num_benign + j, kind, conflict_map, cfg, generator))
+        if cfg.colluding:
+            if kind not in colluding_maps:
+                colluding_maps[kind] = _contamination_map(kind, structure, cfg, generator)
+            mapping = colluding_maps[kind]
+        else:
+            mapping = _contamination_map(kind, structure, cfg, generator)
+        clients.append(_make_client(num_benign + j, kind, mapping, cfg, generator))
     pool_cfg = CopyTaskConfig(**{**asdict(cfg), "num_clients": K, "contamination": num_contaminated / K})
-    return FederatedCopyTask(pool_cfg, clients, shared_map, shared, private)
+    return FederatedCopyTask(pool_cfg, clients, shared_map, shared, private, other)
 
 
 def make_copy_task(cfg: CopyTaskConfig, generator: torch.Generator) -> FederatedCopyTask:
@@ -390,4 +431,4 @@ def make_copy_task(cfg: CopyTaskConfig, generator: torch.Generator) -> Federated
     pool = make_client_pool(cfg, cfg.num_clients - n_cont, n_cont, generator)
     order = torch.randperm(cfg.num_clients, generator=generator).tolist()
     task = pool.subset(order)
-    return FederatedCopyTask(cfg, task.clients, task.shared_map, task.shared_letters, task.private_letters)
+    return FederatedCopyTask(cfg, task.clients, task.shared_map, task.shared_letters, task.private_letters, task.other_letters)

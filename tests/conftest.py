@@ -34,7 +34,8 @@ SAVE_CELL = '''import sys
 from fedlora_lite.reporting import save_results
 value = {{"smoke": 1.0, "default": 2.0, "full": 3.0}}[profile] * scale
 print("value", value)
-save_results({{"value": value, "nested": {{"seed": seed}}, "executable": sys.executable}}, output_dir, notebook="{name}")'''
+results = {{"value": value, "nested": {{"seed": seed}}, "executable": sys.executable}}
+save_results(results, output_dir, notebook="{name}")'''
 
 
 @pytest.fixture

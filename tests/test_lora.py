@@ -10,7 +10,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedlora_lite.adapters import AdapterError, check_adapter, load_adapter, load_lora_factors, read_adapter, save_adapter
+from fedlora_lite.adapters import (
+    AdapterError,
+    check_adapter,
+    load_adapter,
+    load_lora_factors,
+    read_adapter,
+    save_adapter,
+)
 from fedlora_lite.lora import (
     LoraFactors,
     adapted_module_names,
@@ -30,7 +37,7 @@ TOL = 1e-5
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
+    return float((a - b).detach().norm() / b.detach().norm())
 
 
 def _randomize_b(pm, seed: int = 1, std: float = 0.05) -> None:
@@ -86,7 +93,7 @@ def test_conv1d_orientation_pitfall(gpt2):
     w = gpt2.get_submodule("transformer.h.0.attn.c_attn").weight
     naive = f.scaling * f.B @ f.A  # (out, in) = (96, 32): the nn.Linear layout
     assert tuple(w.shape) == (32, 96) and tuple(naive.shape) == (96, 32)
-    assert torch.equal(lora_deltas(pm)[f"transformer.h.0.attn.c_attn"], naive.T)
+    assert torch.equal(lora_deltas(pm)["transformer.h.0.attn.c_attn"], naive.T)
     assert torch.equal(lora_deltas(pm, orientation="out_in")["transformer.h.0.attn.c_attn"], naive)
     # a square Conv1D would accept the untransposed ΔW silently: check it really is wrong
     sq = torch.randn(8, 8, generator=torch.Generator().manual_seed(0))
@@ -187,6 +194,7 @@ def test_load_lora_factors_rescales_mismatched_scaling(gpt2):
         assert _rel(d, deltas[n]) < TOL
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")  # raised inside peft
 def test_save_load_round_trip(tmp_path, gpt2):
     pm = attach_lora(gpt2, r=4, alpha=8)
     _randomize_b(pm)
@@ -229,6 +237,12 @@ def test_read_adapter_refuses_pickle(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
     (d / "adapter_model.bin").write_bytes(b"not loaded")
     with pytest.raises(AdapterError, match="pickle"):
+        read_adapter(d)
+    (d / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        read_adapter(d)
+    (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 0, "lora_alpha": 4}))
+    with pytest.raises(AdapterError, match="invalid r=0"):
         read_adapter(d)
 
 

@@ -141,14 +141,17 @@ class _Oracle(torch.nn.Module):
         self.vocab, self.answers = vocab, answers
         self.config = type("C", (), {"n_positions": 64})()
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, past_key_values=None, use_cache=False):
+        # the "cache" is simply the prefix seen so far, like a real KV cache it lets the caller feed new tokens only
+        full = input_ids if past_key_values is None else torch.cat([past_key_values, input_ids], dim=1)
         B, T = input_ids.shape
+        offset = full.shape[1] - T
         logits = torch.zeros(B, T, self.vocab)
         for b in range(B):
             for t in range(T):
-                nxt = self.answers.get(tuple(input_ids[b, : t + 1].tolist()), 0)
+                nxt = self.answers.get(tuple(full[b, : offset + t + 1].tolist()), 0)
                 logits[b, t, nxt] = 1.0
-        return type("O", (), {"logits": logits})()
+        return type("O", (), {"logits": logits, "past_key_values": full if use_cache else None})()
 
 
 def _copy_oracle(tok, pairs, wrong_at=None):
@@ -261,3 +264,57 @@ def test_load_base_copy_of_shipped_checkpoint(tmp_path):
     (dst / "tokenizer.json").write_text((dst / "tokenizer.json").read_text().replace("~", "~ "))
     with pytest.raises(ValueError, match="tokenizer.json"):
         load_base(dst)
+
+
+def test_pretrain_command_writes_a_loadable_checkpoint(tmp_path, capsys):
+    from fedlora_lite.pretrain import PretrainConfig, main
+
+    out = tmp_path / "base"
+    argv = ["--out", str(out), "--steps", "3", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--source-width", "8"]
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["train"]["steps"] == 3 and report["source_width"] == 8
+    model, tok, cfg = load_base(out)
+    assert cfg.n_embd == 32 and tok.source_width == 8
+    assert json.loads((out / "config.json").read_text())["pretraining"]["num_parameters"] == count_parameters(model)
+    with pytest.raises(ValueError, match="max_len"):
+        PretrainConfig(source_width=8, max_len=9)
+
+
+def test_load_or_pretrain_reuses_matching_checkpoints(tmp_path):
+    from fedlora_lite.pretrain import PretrainConfig, load_or_pretrain
+
+    shipped = load_or_pretrain(DEFAULT_BASE_DIR, PretrainConfig())  # the shipped base matches the defaults: no training
+    assert shipped.metadata["heldout_token_accuracy"] >= 0.99
+    tiny = PretrainConfig(
+        model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=24), source_width=8, max_len=8, eval_size=8,
+        train=TrainConfig(steps=2, batch_size=4),
+    )
+    first = load_or_pretrain(tmp_path / "tiny", tiny)
+    stamp = (tmp_path / "tiny" / "model.safetensors").stat().st_mtime_ns
+    again = load_or_pretrain(tmp_path / "tiny", tiny)
+    assert (tmp_path / "tiny" / "model.safetensors").stat().st_mtime_ns == stamp  # cache hit
+    assert all(torch.equal(p, q) for p, q in zip(first.model.parameters(), again.model.parameters()))
+    changed = PretrainConfig(**{**tiny.__dict__, "seed": 1})
+    load_or_pretrain(tmp_path / "tiny", changed)
+    assert json.loads((tmp_path / "tiny" / "config.json").read_text())["pretraining"]["seed"] == 1  # retrained
+
+
+def test_greedy_decode_with_cache_matches_naive_loop():
+    tok = CharTokenizer(source_width=6)
+    model = build_model(ModelConfig(n_layer=2, n_embd=32, n_head=2, n_positions=24), tok, seed=7)
+    sources = ["abc", "hello", "x", "zzzzzz", "a b"]
+    fast = greedy_decode(model, tok, sources, max_new_tokens=9, batch_size=2)
+    slow = []
+    with torch.no_grad():
+        for src in sources:
+            ids = torch.tensor([encode_prompt(tok, src)])
+            out = []
+            for _ in range(9):
+                nxt = int(model(input_ids=ids).logits[0, -1].argmax())
+                if nxt == tok.eos_id:
+                    break
+                out.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            slow.append(tok.decode(out))
+    assert fast == slow

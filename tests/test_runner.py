@@ -88,6 +88,10 @@ def test_fail_fast_skips_the_rest_and_bad_arguments_raise(make_notebook, tmp_pat
         run_notebooks("huge", notebooks_dir=root)
     with pytest.raises(ValueError, match="output_dir"):
         run_notebooks("smoke", parameters={"output_dir": "x"}, notebooks_dir=root)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no NN_topic.ipynb notebooks"):
+        run_notebooks("smoke", notebooks_dir=empty)
 
 
 def test_kernel_is_pinned_even_with_a_foreign_python3_kernelspec(make_notebook, tmp_path, monkeypatch):
@@ -95,12 +99,16 @@ def test_kernel_is_pinned_even_with_a_foreign_python3_kernelspec(make_notebook, 
 
     foreign = tmp_path / "jupyter" / "kernels" / "python3"
     foreign.mkdir(parents=True)
-    spec = {"argv": ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python"}
+    argv = ["/nonexistent/python", "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "language": "python"}
     (foreign / "kernel.json").write_text(json.dumps(spec))
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert KernelSpecManager().get_kernel_spec("python3").argv[0] == "/nonexistent/python"
     with pinned_python_kernel():
-        assert KernelSpecManager().get_kernel_spec("python3").argv[0] == sys.executable
+        pinned = KernelSpecManager().get_kernel_spec("python3")
+        assert pinned.argv[0] == sys.executable
+        assert pinned.env == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert KernelSpecManager().get_kernel_spec("python3").argv[0] == "/nonexistent/python"  # restored
 
     make_notebook("00_ok")
@@ -122,6 +130,8 @@ def test_strip_notebook_metadata_removes_noise_keeps_tags_and_outputs(notebook_b
             data={"text/plain": "100%|##| 2/2", "application/vnd.jupyter.widget-view+json": {"model_id": "abc"}},
         ),
         nbformat.v4.new_output("stream", name="stdout", text="1\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="2\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="warn\n"),
     ]
     code.execution_count = 7
     injected = nbformat.v4.new_code_cell("profile = 'smoke'")
@@ -135,8 +145,9 @@ def test_strip_notebook_metadata_removes_noise_keeps_tags_and_outputs(notebook_b
     assert clean.cells[1].metadata["tags"] == ["parameters"]
     cell = clean.cells[2]
     assert dict(cell.metadata) == {}
-    assert cell.execution_count == 7 and len(cell.outputs) == 2
+    assert cell.execution_count == 7 and len(cell.outputs) == 3
     assert set(cell.outputs[0].data) == {"text/plain"}
+    assert cell.outputs[1].text == "1\n2\n" and cell.outputs[2].name == "stderr"  # stdout chunks merged
     assert "papermill" in nb.metadata and len(nb.cells) == 4  # input not modified
     nbformat.validate(clean)
 
