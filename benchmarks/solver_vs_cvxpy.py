@@ -8,7 +8,8 @@ Two comparisons, each checked for the same objective (relative difference <= 1e-
 * ``lora``: K LoRA updates B_k A_k. cvxpy solves the dense d x Kp program it is given;
   fedlora_lite solves it through the exact factored reduction
   (:func:`fedlora_lite.factored.clair_factored`: thin QR + q x sum r_k problem, then the
-  whole CLAIR pipeline). The issue-4 bar is >= 100x here.
+  whole CLAIR pipeline). The issue-4 bar is >= 100x here. For reference we also time
+  cvxpy on the reduced problem, to separate the reduction's gain from the solver's.
 
 Usage::
 
@@ -92,8 +93,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--lam", type=float, default=0.8)
     ap.add_argument("--mu", type=float, default=0.1, help="noise weight for the noisy-form runs")
-    ap.add_argument("--lora", type=str, default="30,30,10,3",
-                    help="LoRA instance d,p,K,r (cvxpy gets the d x K*p dense program)")
+    ap.add_argument("--lora", type=str, nargs="+", default=["12,12,6,2", "16,16,6,2"],
+                    help="LoRA instances d,p,K,r (cvxpy gets the d x K*p dense program; CLARABEL's time "
+                         "grows steeply: 20,20,8,2 takes minutes)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,18 +109,23 @@ def main() -> None:
         dec, t = best_time(lambda: decompose(tblocks, lam=args.lam, mu=mu), args.repeats)
         report(f"{'exact' if mu is None else 'noisy'} form", dec.objective, t, *ref)
 
-    d, p, K, r = (int(v) for v in args.lora.split(","))
-    print(f"\n[lora] clair_factored vs cvxpy on the dense program (d={d}, p={p}, K={K}, r={r}: "
-          f"cvxpy sees {d} x {K * p}, fedlora_lite reduces it to {min(d, K * r)} x {K * r})")
-    inst = random_lora_factors(d, p, K, r, shared_rank=2, contamination=0.2, heterogeneity=0.05,
-                               generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
-    dense_blocks = [(B @ A).numpy() for B, A in inst.factors]
     ratios = []
-    for mu in (None, args.mu):
-        ref = cvxpy_solve(dense_blocks, args.lam, mu)
-        res, t = best_time(lambda: clair_factored(inst.factors, lam=args.lam, mu=mu), args.repeats)
-        ratios.append(report(f"{'exact' if mu is None else 'noisy'} form (whole CLAIR pipeline)",
-                             res.decomposition.objective, t, *ref))
+    for spec in args.lora:
+        d, p, K, r = (int(v) for v in spec.split(","))
+        print(f"\n[lora] clair_factored vs cvxpy on the dense program (d={d}, p={p}, K={K}, r={r}: "
+              f"cvxpy sees {d} x {K * p}, fedlora_lite reduces it to {min(d, K * r)} x {K * r})")
+        inst = random_lora_factors(d, p, K, r, shared_rank=2, contamination=0.2, heterogeneity=0.05,
+                                   generator=torch.Generator().manual_seed(args.seed), dtype=torch.float64)
+        dense_blocks = [(B @ A).numpy() for B, A in inst.factors]
+        for mu in (None, args.mu):
+            ref = cvxpy_solve(dense_blocks, args.lam, mu)
+            res, t = best_time(lambda: clair_factored(inst.factors, lam=args.lam, mu=mu), args.repeats)
+            ratios.append(report(f"{'exact' if mu is None else 'noisy'} form (whole CLAIR pipeline)",
+                                 res.decomposition.objective, t, *ref))
+            # for honesty: how much of the gap is the reduction itself? cvxpy on the reduced problem
+            small = [blk.numpy() for blk in res.reduction.blocks]
+            report("  ... cvxpy given the reduced problem", res.decomposition.objective, t,
+                   *cvxpy_solve(small, args.lam, mu))
     print(f"\nbar (issue 4): >= 100x faster than cvxpy on the LoRA instances -> min speed-up x{min(ratios):,.0f} "
           f"[{'PASS' if min(ratios) >= 100 else 'FAIL'}]")
 

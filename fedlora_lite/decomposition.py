@@ -167,7 +167,7 @@ def _svt_factors(X: torch.Tensor, tau: float, rank_hint: int | None = None, star
     m = min(X.shape)
     if rank_hint is not None and rank_hint + 10 < m // 2:
         k = min(m, rank_hint + 10)
-        U, s, Vh = _randomized_svd(X, k, start, generator, niter=4 if start is None else 2)
+        U, s, Vh = _randomized_svd(X, k, start, generator, niter=4 if start is None else 1)
         if s[-1] <= tau:
             keep = s > tau
             return U[:, keep], s[keep] - tau, Vh[keep], Vh.T
