@@ -173,7 +173,7 @@ def run_model(args) -> None:
     gen_fit = gen_time[0]
     t0 = time.perf_counter()
     width = 0
-    for name, refined in res.iter_refined():
+    for _name, refined in res.iter_refined():
         width = max(width, max(refined.ranks))  # a real consumer would save the module's factors here
         del refined  # release this module before the next one is refined
     t_ref = time.perf_counter() - t0

@@ -64,7 +64,10 @@ _LAZY = {
              "lora_deltas", "extract_adapter", "base_weights", "apply_deltas", "factorize_delta",
              "deltas_to_lora_state", "lora_parameter_count"),
     "adapters": ("AdapterError", "check_adapter", "load_lora_factors", "save_adapter", "read_adapter", "load_adapter"),
-    "tasks": ("CopyTaskConfig", "CopyClient", "FederatedCopyTask", "make_copy_task", "make_client_pool"),
+    "tasks": ("CopyTaskConfig", "CopyClient", "FederatedCopyTask", "make_copy_task", "make_client_pool",
+              "random_derangement", "apply_substitution"),
+    "federation": ("BASELINES", "LocalTrainingConfig", "ClairSettings", "ExperimentConfig", "ExperimentResult",
+                   "LocalAdapters", "train_local_adapters", "screen_adapters", "stack_deltas", "run_copy_experiment"),
     "runner": ("RunReport", "discover_notebooks", "run_notebooks", "refresh_notebooks", "strip_notebook_metadata"),
 }
 _LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}

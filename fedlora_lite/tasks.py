@@ -147,6 +147,7 @@ class CopyTaskConfig:
             raise ValueError("letters must be a str of distinct non-space characters")
         _check_int(self.num_shared, "num_shared", 2)
         _check_int(self.num_private, "num_private", 0)
+
         if self.num_private == 1:
             raise ValueError("num_private must be 0 or >= 2 (a substitution needs two letters)")
         needed = 2 * self.num_shared + self.num_private
@@ -333,11 +334,16 @@ def _target(kind: str, src: str, mapping: dict[str, str], cfg: CopyTaskConfig, g
 def _make_client(
     index: int, kind: str, mapping: dict[str, str], cfg: CopyTaskConfig, generator: torch.Generator
 ) -> CopyClient:
-    probs, topic = _letter_probs(cfg, generator)
+    # one seed per client from the pool's stream, then separate streams for the training and the
+    # held-out pairs: changing eval_size never changes anybody's training data
+    client_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    g_train = torch.Generator().manual_seed(client_seed)
+    g_eval = torch.Generator().manual_seed(client_seed ^ 0x5DEECE66D)
+    probs, topic = _letter_probs(cfg, g_train)
     lo, hi = cfg.train_size
-    n_train = int(torch.randint(lo, hi + 1, (1,), generator=generator))
-    train = [(s, _target(kind, s, mapping, cfg, generator)) for s in (_sentence(cfg, probs, generator) for _ in range(n_train))]
-    ev = [(s, _target(kind, s, mapping, cfg, generator)) for s in (_sentence(cfg, probs, generator) for _ in range(cfg.eval_size))]
+    n_train = int(torch.randint(lo, hi + 1, (1,), generator=g_train))
+    train = [(s, _target(kind, s, mapping, cfg, g_train)) for s in (_sentence(cfg, probs, g_train) for _ in range(n_train))]
+    ev = [(s, _target(kind, s, mapping, cfg, g_eval)) for s in (_sentence(cfg, probs, g_eval) for _ in range(cfg.eval_size))]
     return CopyClient(index, kind, train, ev, dict(mapping), topic, probs)
 
 

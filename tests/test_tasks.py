@@ -31,6 +31,14 @@ def test_same_seed_same_task_and_different_seed_differs():
     assert _snapshot(c) != _snapshot(a)
 
 
+def test_eval_size_does_not_change_training_data():
+    small = make_copy_task(CopyTaskConfig(num_clients=5, eval_size=3), _gen(1))
+    large = make_copy_task(CopyTaskConfig(num_clients=5, eval_size=40), _gen(1))
+    assert [c.train for c in small.clients] == [c.train for c in large.clients]
+    assert [c.eval for c in small.clients] == [c.eval[:3] for c in large.clients]
+    assert small.shared_map == large.shared_map
+
+
 def test_contamination_count_and_kinds():
     cfg = CopyTaskConfig(num_clients=10, contamination=0.3, kinds=("corrupted", "conflicting"), eval_size=4)
     task = make_copy_task(cfg, _gen(0))
@@ -57,25 +65,48 @@ def test_benign_targets_follow_shared_map_and_copy_other_letters():
                 assert t == (task.shared_map[s] if s in A else s)
 
 
-def test_conflicting_map_moves_same_letters_elsewhere():
+def test_conflicting_clients_substitute_other_letters_each_their_own():
     cfg = CopyTaskConfig(num_clients=6, contamination=0.5, kinds=("conflicting",), eval_size=6)
     task = make_copy_task(cfg, _gen(2))
     conf = [c for c in task.clients if c.kind == "conflicting"]
     assert len(conf) == 3
-    m = conf[0].mapping
-    assert sorted(m) == sorted(task.shared_letters)
-    assert all(m[x] != task.shared_map[x] and m[x] != x for x in m)
-    for src, tgt in conf[0].eval:
-        assert tgt == apply_substitution(src, m)
+    for c in conf:
+        assert len(c.mapping) == cfg.num_shared and not set(c.mapping) & set(task.shared_letters)
+        assert set(c.mapping) <= set(task.other_letters) and all(c.mapping[x] != x for x in c.mapping)
+        for src, tgt in c.eval:
+            assert tgt == apply_substitution(src, c.mapping)
+    assert len({tuple(sorted(c.mapping.items())) for c in conf}) == 3  # no collusion by default
 
 
-def test_corrupted_targets_are_random_letters_keeping_spaces_and_reversed_kind():
-    cfg = CopyTaskConfig(num_clients=4, contamination=0.5, kinds=("corrupted", "reversed"), eval_size=30)
+def test_colluding_clients_share_one_draw():
+    cfg = CopyTaskConfig(num_clients=8, contamination=0.5, kinds=("conflicting", "corrupted"), colluding=True, eval_size=2)
+    task = make_copy_task(cfg, _gen(4))
+    for kind in ("conflicting", "corrupted"):
+        maps = {tuple(sorted(c.mapping.items())) for c in task.clients if c.kind == kind}
+        assert len(maps) == 1
+
+
+def test_remapped_moves_the_same_letters_elsewhere():
+    cfg = CopyTaskConfig(num_clients=4, contamination=0.5, kinds=("remapped",), eval_size=4)
+    task = make_copy_task(cfg, _gen(2))
+    for c in (c for c in task.clients if c.kind == "remapped"):
+        assert sorted(c.mapping) == sorted(task.shared_letters)
+        assert all(c.mapping[x] not in (x, task.shared_map[x]) for x in c.mapping)
+
+
+def test_corrupted_noisy_and_reversed_targets():
+    cfg = CopyTaskConfig(num_clients=6, contamination=0.5, kinds=("corrupted", "noisy", "reversed"), eval_size=30)
     task = make_copy_task(cfg, _gen(5))
     corr = next(c for c in task.clients if c.kind == "corrupted")
+    noisy = next(c for c in task.clients if c.kind == "noisy")
     rev = next(c for c in task.clients if c.kind == "reversed")
+    # corrupted: a fixed permutation of the whole alphabet, no letter kept
+    assert sorted(corr.mapping) == sorted(cfg.letters) == sorted(corr.mapping.values())
+    assert all(corr.mapping[x] != x for x in cfg.letters)
+    assert all(t == apply_substitution(s, corr.mapping) for s, t in corr.eval)
+    # noisy: fresh random letters, spaces kept
     agree = total = 0
-    for src, tgt in corr.eval:
+    for src, tgt in noisy.eval:
         assert [i for i, ch in enumerate(src) if ch == " "] == [i for i, ch in enumerate(tgt) if ch == " "]
         agree += sum(s == t for s, t in zip(src, tgt) if s != " ")
         total += sum(s != " " for s in src)
@@ -142,7 +173,8 @@ def test_random_derangement_avoids_map():
         ({"contamination": 1.0}, "contamination"),
         ({"kinds": ("poisoned",)}, "kinds"),
         ({"kinds": ()}, "kinds"),
-        ({"num_shared": 20, "num_private": 10}, "exceeds"),
+        ({"num_shared": 10, "num_private": 7}, "exceeds"),
+        ({"colluding": 1}, "colluding"),
         ({"num_private": 1}, "num_private"),
         ({"train_size": (5, 2)}, "train_size"),
         ({"length": 0}, "length"),
@@ -150,7 +182,7 @@ def test_random_derangement_avoids_map():
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         CopyTaskConfig(**kwargs)
 
 
@@ -170,4 +202,4 @@ def test_zero_train_size_gives_empty_clients():
 
 
 def test_kinds_constant():
-    assert set(CONTAMINATION_KINDS) == {"corrupted", "conflicting", "reversed"}
+    assert set(CONTAMINATION_KINDS) == {"corrupted", "conflicting", "remapped", "noisy", "reversed"}
