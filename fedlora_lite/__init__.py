@@ -37,7 +37,12 @@ from .simulate import (
 )
 
 from .factored import (
+    AUTO_RANK_HINT_MIN,
     FactoredClairResult,
+    FactoredModuleSummary,
+    FactoredReduction,
+    RefinedFactors,
+    SyntheticLora,
     FactoredModulesResult,
     clair_factored,
     clair_factored_modules,
