@@ -1,6 +1,15 @@
-"""Repository-level pytest hooks (apply to tests/ and notebooks/)."""
+"""Repository-level pytest hooks (apply to tests/ and notebooks/).
 
+The OpenMP wait policy is set here, before anything imports torch, so that the README's
+plain ``pytest`` is as fast as ``.ci/run``: with spinning idle OpenMP threads, the many
+small torch operations of the solver and the notebooks run 2-3x slower on a 2-core machine.
+Notebook kernels started by nbval and papermill inherit it.
+"""
+
+import os
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def pytest_configure(config):

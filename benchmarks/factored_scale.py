@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedlora_lite.factored import clair_factored, clair_factored_modules, random_lora_factors
+from fedlora_lite.clair import clair_factored, clair_factored_modules
+from fedlora_lite.federated import random_lora_factors
 
 HERE = Path(__file__).resolve().parent
 
@@ -174,7 +175,7 @@ def run_model(args) -> None:
     t0 = time.perf_counter()
     width = 0
     for _name, refined in res.iter_refined():
-        width = max(width, max(refined.ranks))  # a real consumer would save the module's factors here
+        width = max(width, max(refined.refined_factors.ranks))  # a real consumer would save the module's factors here
         del refined  # release this module before the next one is refined
     t_ref = time.perf_counter() - t0
     gen_ref = gen_time[0] - gen_fit

@@ -2,12 +2,12 @@
 
 Two comparisons, each checked for the same objective (relative difference <= 1e-4):
 
-* ``dense``: :func:`fedlora_lite.decomposition.decompose` vs cvxpy on one dense stack of
+* ``dense``: :func:`fedlora_lite.core.decomposition.decompose` vs cvxpy on one dense stack of
   client updates (the foundation issue's bar: "times the solver against cvxpy on the
   same instance and prints the ratio");
 * ``lora``: K LoRA updates B_k A_k. cvxpy solves the dense d x Kp program it is given;
   fedlora_lite solves it through the exact factored reduction
-  (:func:`fedlora_lite.factored.clair_factored`: thin QR + q x sum r_k problem, then the
+  (:func:`fedlora_lite.clair.clair_factored`: thin QR + q x sum r_k problem, then the
   whole CLAIR pipeline). The issue-4 bar is >= 100x here. For reference we also time
   cvxpy on the reduced problem, to separate the reduction's gain from the solver's.
 
@@ -30,8 +30,9 @@ import time
 import numpy as np
 import torch
 
-from fedlora_lite.decomposition import decompose
-from fedlora_lite.factored import clair_factored, random_lora_factors
+from fedlora_lite.core.decomposition import decompose
+from fedlora_lite.clair import clair_factored
+from fedlora_lite.federated import random_lora_factors
 
 try:
     import cvxpy as cp

@@ -1,85 +1,65 @@
 """fedlora_lite: contamination-aware federated LoRA fine-tuning (CLAIR), as a tested
 library plus a papermill/nbval notebook course.
 
-The public API is re-exported here; see the README for a tour.
+The top level holds what a user calls; everything else is imported from its subpackage
+(see ``ARCHITECTURE.md``):
+
+* :mod:`fedlora_lite.core` — torch-only numerics (validation, seeds/devices, the
+  low-rank + block-sparse solvers, the exact LoRA-factored reduction);
+* :mod:`fedlora_lite.clair` — the method: rules, one fit, refinement, results;
+* :mod:`fedlora_lite.federated` — aggregators, metrics, synthetic federations;
+* :mod:`fedlora_lite.lora` — LoRA factors, the peft bridge, adapter I/O;
+* :mod:`fedlora_lite.experiments` — one folder per experiment (``copy_task``);
+* :mod:`fedlora_lite.course` — profiles, results files, notebook runner, CLI, plotting.
 """
 
-from .clair import ClairResult, MultiModuleClairResult, choose_rank, clair, clair_modules, estimate_mu, refine_updates
-from .decomposition import (
-    Decomposition,
+from .clair import (
+    ClairConfig,
+    ClairResult,
     LambdaPath,
-    decompose,
-    decomposition_objective,
-    default_lambda,
-    select_lambda,
-)
-from .aggregation import AGGREGATORS, AggregationResult, aggregate, available_aggregators, krum_scores
-from .metrics import (
-    DetectionMetrics,
-    RefinementGain,
-    detection_metrics,
-    principal_angle_sines,
-    refinement_gain,
-    relative_errors,
-    sin_theta,
-)
-from .runtime import environment_info, make_generator, resolve_device, set_seed
-from .simulate import (
-    CONTAMINATION_KINDS,
-    RegressionFederation,
-    UpdateFederation,
-    expected_ols_error,
-    fit_local,
-    least_squares,
-    make_regression_federation,
-    make_update_federation,
-    ols_noise_level,
-)
-
-from .factored import (
-    AUTO_RANK_HINT_MIN,
-    FactoredClairResult,
-    FactoredModuleSummary,
-    FactoredReduction,
+    MultiModuleClairResult,
     RefinedFactors,
-    SyntheticLora,
-    FactoredModulesResult,
+    clair,
     clair_factored,
     clair_factored_modules,
-    random_lora_factors,
-    reduce_factors,
-    truncate_factors,
+    clair_modules,
+    select_lambda,
 )
-from .plotting import plot_client_scores, plot_phase_transition, plot_singular_values, plot_sweep
-from .reporting import PROFILES, ProfileConfig, load_results, save_results, select_profile
+from .core.decomposition import Decomposition, decompose, default_lambda
+from .core.reduction import reduce_factors
+from .core.runtime import environment_info, make_generator, resolve_device, set_seed
+from .federated.aggregators import AggregationResult, aggregate, available_aggregators
+from .federated.metrics import DetectionMetrics, detection_metrics, refinement_gain, relative_errors, sin_theta
 
 __version__ = "0.1.0"
 
-# The transformer side (transformers, peft, papermill) is heavy to import; its public names
-# are re-exported lazily (PEP 562) so `import fedlora_lite` stays fast for the
-# linear-algebra core.
+# The experiment entry points import transformers/peft, which is slow; they are resolved
+# lazily (PEP 562) so `import fedlora_lite` stays fast for the numerical core.
 _LAZY = {
-    "models": ("CharTokenizer", "ModelConfig", "BaseCheckpoint", "build_model", "count_parameters",
-               "max_target_length", "save_base", "load_base", "verify_checksums", "DEFAULT_BASE_DIR"),
-    "sequences": ("SequenceBatch", "encode_prompt", "encode_pair", "collate", "sequence_loss", "token_accuracy",
-                  "greedy_decode", "greedy_exact_match"),
-    "training": ("TrainConfig", "TrainHistory", "train_on_pairs"),
-    "pretrain": ("PretrainConfig", "PretrainResult", "pretrain", "load_or_pretrain"),
-    "lora": ("DEFAULT_TARGETS", "LoraFactors", "LoraAdapter", "attach_lora", "adapted_module_names", "lora_factors",
-             "lora_deltas", "extract_adapter", "base_weights", "apply_deltas", "factorize_delta",
-             "deltas_to_lora_state", "lora_parameter_count"),
-    "adapters": ("AdapterError", "check_adapter", "load_lora_factors", "save_adapter", "read_adapter", "load_adapter"),
-    "tasks": ("CopyTaskConfig", "CopyClient", "FederatedCopyTask", "make_copy_task", "make_client_pool",
-              "random_derangement", "apply_substitution"),
-    "federation": ("BASELINES", "LocalTrainingConfig", "ClairSettings", "ExperimentConfig", "ExperimentResult",
-                   "LocalAdapters", "train_local_adapters", "screen_adapters", "stack_deltas", "run_copy_experiment"),
-    "runner": ("RunReport", "discover_notebooks", "run_notebooks", "refresh_notebooks", "strip_notebook_metadata"),
+    "run_copy_experiment": "experiments.copy_task",
+    "ExperimentConfig": "experiments.copy_task",
+    "LocalTrainingConfig": "experiments.copy_task",
+    "CopyTaskConfig": "experiments.copy_task",
 }
-_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+__all__ = [
+    # CLAIR
+    "clair", "clair_modules", "clair_factored", "clair_factored_modules", "ClairConfig",
+    "ClairResult", "MultiModuleClairResult", "RefinedFactors",
+    # the decomposition, lambda and the factored reduction
+    "decompose", "Decomposition", "default_lambda", "select_lambda", "LambdaPath", "reduce_factors",
+    # aggregation and metrics
+    "aggregate", "available_aggregators", "AggregationResult",
+    "detection_metrics", "DetectionMetrics", "sin_theta", "relative_errors", "refinement_gain",
+    # seeds and devices
+    "set_seed", "make_generator", "resolve_device", "environment_info",
+    # the copy-task experiment
+    *_LAZY,
+]
 
 
 def __getattr__(name: str):
-    module = _LAZY_NAMES.get(name)
+    module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'fedlora_lite' has no attribute {name!r}")
     import importlib
@@ -90,4 +70,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_NAMES))
+    return sorted(set(globals()) | set(__all__))

@@ -31,7 +31,7 @@ def build_notebook(title: str, body: Sequence[str], *, profile: str = "default",
 
 
 SAVE_CELL = '''import sys
-from fedlora_lite.reporting import save_results
+from fedlora_lite.course.reporting import save_results
 value = {{"smoke": 1.0, "default": 2.0, "full": 3.0}}[profile] * scale
 print("value", value)
 results = {{"value": value, "nested": {{"seed": seed}}, "executable": sys.executable}}
@@ -62,3 +62,14 @@ def make_notebook(tmp_path: Path) -> Callable[..., Path]:
 def notebook_builder() -> Callable[..., nbformat.NotebookNode]:
     """:func:`build_notebook` as a fixture (for tests that need an in-memory notebook)."""
     return build_notebook
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch intra-op thread (small models: faster and bit-reproducible), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,0 +1,151 @@
+"""The ``fedlora-lite`` console command: run, refresh and list the notebook sequence.
+
+Examples::
+
+    fedlora-lite list
+    fedlora-lite run --profile smoke
+    fedlora-lite run --profile default --only 02 03 --out outputs/try -p seed 1
+    fedlora-lite refresh --only 00
+
+Exit status: 0 on success, 1 when a notebook failed, 2 on a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .reporting import PROFILES
+from .notebooks import discover_notebooks
+from .runner import RunReport, refresh_notebooks, run_notebooks
+
+__all__ = ["main", "build_parser", "parse_value"]
+
+_NAMED_LITERALS = {"none": None, "null": None, "true": True, "false": False}
+
+
+def parse_value(text: str) -> Any:
+    """Turn a ``-p NAME VALUE`` string into a Python value.
+
+    ``None``/``null``, ``true``/``false`` (any case), ints, floats and Python literals
+    (``[1, 2]``, ``"quoted"``) are converted; anything else stays a string, so
+    ``-p device cpu`` gives ``"cpu"``.
+    """
+    low = text.strip().lower()
+    if low in _NAMED_LITERALS:
+        return _NAMED_LITERALS[low]
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--only",
+        nargs="+",
+        action="extend",
+        metavar="NN",
+        help="run only these notebooks (numbers like 02 or names like 02_linear_regression)",
+    )
+    p.add_argument(
+        "--notebooks", metavar="DIR", help="folder of the notebook sequence (default: the checkout's notebooks/)"
+    )
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-cell execution timeout (default: none)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="fedlora-lite",
+        description="Run the fedlora_lite notebook sequence (CLAIR: contamination-aware federated LoRA).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="execute the notebooks headlessly and summarise their key numbers")
+    run.add_argument("--profile", choices=PROFILES, default="default", help="problem sizes (default: %(default)s)")
+    run.add_argument("--out", metavar="DIR", help="output folder (default: outputs/<profile>)")
+    run.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="papermill parameter for every notebook, e.g. -p seed 1 -p device cpu (repeatable)",
+    )
+    _add_common(run)
+
+    refresh = sub.add_parser(
+        "refresh", help="re-execute the source notebooks in place (default profile), strip metadata"
+    )
+    refresh.add_argument(
+        "--out", metavar="DIR", help="folder for executed copies and summary (default: outputs/refresh)"
+    )
+    _add_common(refresh)
+
+    lst = sub.add_parser("list", help="list the notebooks with their titles")
+    lst.add_argument("--notebooks", metavar="DIR", help="folder of the notebook sequence")
+    return parser
+
+
+def _print_report(report: RunReport) -> None:
+    print()
+    width = max((len(r.name) for r in report.runs), default=8)
+    for r in report.runs:
+        print(f"  {r.name:<{width}}  {r.status:<7}  {r.wall_time_s:8.1f} s")
+    if report.failed:
+        print()
+        print(report.format_failures(), file=sys.stderr)
+    print()
+    print(f"executed notebooks: {report.out_dir}")
+    print(f"summary:            {report.summary_md}")
+    print(f"                    {report.summary_csv}")
+    n_bad = len(report.failed)
+    if n_bad:
+        print(f"{n_bad} notebook(s) failed", file=sys.stderr)
+    else:
+        print("all notebooks succeeded")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``fedlora-lite``; returns the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            notebooks = discover_notebooks(args.notebooks)
+            if not notebooks:
+                print("no notebooks found")
+            for nb in notebooks:
+                print(f"{nb.number}  {nb.name:<28}  {nb.title}")
+            return 0
+        common = dict(
+            only=args.only,
+            notebooks_dir=args.notebooks,
+            fail_fast=args.fail_fast,
+            progress=not args.no_progress,
+            execution_timeout=args.timeout,
+            out=args.out,
+        )
+        if args.command == "run":
+            params: dict[str, Any] = {}
+            for name, value in args.parameter:
+                params[name] = parse_value(value)
+            report = run_notebooks(args.profile, parameters=params, **common)
+        else:
+            report = refresh_notebooks(**common)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fedlora-lite: error: {exc}", file=sys.stderr)
+        return 2
+    _print_report(report)
+    return report.exit_code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
