@@ -1,6 +1,6 @@
 """Random LoRA federations: K factor pairs with a shared column subspace and contaminated clients.
 
-Used by the factored-CLAIR tests, notebook 05 and the benchmarks (LLM-shaped modules).
+Used by the factored-CLAIR tests, notebook 07 and the benchmarks (LLM-shaped modules).
 """
 
 from __future__ import annotations
