@@ -16,6 +16,7 @@ Pipeline for K client updates M_k (d x p) (``docs/CLAIR.md``):
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +26,18 @@ import torch
 from ..core.reduction import is_factor_pair
 from .config import ClairConfig
 from .fit import ModuleFit, Problem, dense_problem, factored_problem, fit_problem
-from .refine import refine_factors, refine_stack
+from .detect import DetectionReport, auto_flags
+from .refine import (
+    RefinedFactors,
+    apply_family,
+    family_weights,
+    gram,
+    refine_factors,
+    refine_updates,
+    robust_mean_weights,
+    shrinkage_weights,
+    effective_sizes,
+)
 from .results import ClairResult, MultiModuleClairResult
 from .rules import scores_and_flags
 
@@ -50,26 +62,85 @@ def _problem(updates: Any, name: str, cfg: ClairConfig, scaling: Any, kind: str)
     return dense_problem(updates, name, cfg.side)
 
 
+def _refine(problem: Problem, fit: ModuleFit, cfg: ClairConfig, benign: torch.Tensor,
+            return_dense: bool) -> tuple[torch.Tensor | None, RefinedFactors | None, torch.Tensor]:
+    """The refined updates (dense or factors) and the (K, 2) weights (w_in, w_off) used."""
+    K, U = problem.num_clients, fit.subspace
+    if not bool(benign.any()):
+        warnings.warn(f"{problem.name}: every client was flagged; returning the local updates unrefined "
+                      "(lower lam or raise threshold if this is unexpected)", RuntimeWarning, stacklevel=4)
+        local = problem.stack.clone() if problem.stack is not None else None
+        rf = None if local is not None else refine_factors(problem.pairs, U, benign, "paper", name=problem.name,
+                                                           transposed=cfg.side == "row")
+        if local is not None and cfg.side == "row":
+            local = local.transpose(1, 2).contiguous()
+        return local, rf, torch.full((K, 2), float("nan"), dtype=torch.float64)
+    mode = cfg.refine
+    if mode == "project":
+        W = torch.tensor([[1.0, 0.0]] * K, dtype=torch.float64)
+        mean_w = torch.zeros(K, dtype=torch.float64)
+    elif mode in ("paper", "average"):
+        W = family_weights("paper", K)
+        mean_w = benign.double().cpu() / float(benign.sum())
+    else:
+        mean_w = robust_mean_weights(problem.norms, benign, cfg.clip)
+        if mode == "fixed":
+            W = family_weights("fixed", K, cfg.weights)
+        else:
+            items = problem.pairs if problem.factored else list(problem.stack)
+            G, G_in = gram(items, U)
+            d_eff, p_eff = effective_sizes(problem.solver_blocks, benign)
+            W = torch.tensor([shrinkage_weights(G, G_in, benign, mean_w, fit.rank, d_eff, p_eff)] * K,
+                             dtype=torch.float64)
+    W = torch.where(benign.cpu().view(K, 1), W, torch.full_like(W, float("nan")))
+    if problem.factored:
+        rf = refine_factors(problem.pairs, U, benign, "project" if mode == "project" else "family",
+                            weights=torch.nan_to_num(W, nan=1.0), mean_weights=mean_w, transposed=cfg.side == "row",
+                            name=problem.name)
+        return (rf.dense() if return_dense else None), rf, W
+    M = problem.stack
+    if mode == "project":
+        dense = refine_updates(M, U, benign, "project")
+    else:
+        mean = torch.einsum("k,kdp->dp", mean_w.to(M), M)
+        dense = apply_family(M, U, benign, torch.nan_to_num(W, nan=1.0).to(M), mean)
+    if cfg.side == "row":
+        dense = dense.transpose(1, 2).contiguous()
+    return dense, None, W
+
+
 def _result(fit: ModuleFit, cfg: ClairConfig, scores: torch.Tensor, flags: torch.Tensor, *,
-            problem: Problem | None = None, return_dense: bool = False, keep: bool = True) -> ClairResult:
+            problem: Problem | None = None, return_dense: bool = False, keep: bool = True,
+            detection: DetectionReport | None = None) -> ClairResult:
     """Assemble a :class:`ClairResult`; refined with the given flags when ``problem`` is given."""
     benign = ~flags
-    refined_updates = refined_factors = None
-    if problem is not None and problem.factored:
-        refined_factors = refine_factors(problem.pairs, fit.subspace, benign, cfg.refine,
-                                         transposed=cfg.side == "row", name=problem.name)
-        if return_dense:
-            refined_updates = refined_factors.dense()
-    elif problem is not None:
-        refined_updates = refine_stack(problem.stack, fit.subspace, benign, cfg.refine, problem.name)
-        if cfg.side == "row":
-            refined_updates = refined_updates.transpose(1, 2).contiguous()
+    refined_updates = refined_factors = weights = None
+    if problem is not None:
+        refined_updates, refined_factors, weights = _refine(problem, fit, cfg, benign, return_dense)
     return ClairResult(subspace=fit.subspace, rank=fit.rank, singular_values=fit.singular_values, scores=scores,
                        flags=flags, benign=benign, lam=fit.lam, mu=fit.mu, config=cfg, sparse_energy=fit.sparse_sq,
                        total_energy=fit.total_sq, objective=fit.objective, iterations=fit.iterations,
                        converged=fit.converged, shape=fit.shape, decomposition=fit.decomposition if keep else None,
                        reduction=problem.reduction if keep and problem is not None else None,
-                       refined_updates=refined_updates, refined_factors=refined_factors)
+                       refined_updates=refined_updates, refined_factors=refined_factors, refine_weights=weights,
+                       detection=detection, scale=fit.scale)
+
+
+def _decide(fits: list[ModuleFit], cfg: ClairConfig,
+            blocks: Callable[[], Iterable[list[torch.Tensor]]]) -> tuple[torch.Tensor, torch.Tensor, DetectionReport | None]:
+    """Joint scores (energies pooled over modules) and flags: the paper's fixed threshold or the auto rule."""
+    sparse = sum(f.sparse_sq.double().cpu() for f in fits)
+    total = sum(f.total_sq.double().cpu() for f in fits)
+    if cfg.threshold != "auto":
+        scores, flags = scores_and_flags(sparse, total, cfg.threshold)
+        return scores, flags, None
+    scores, _ = scores_and_flags(sparse, total, 0.5)
+    K = int(scores.numel())
+    n_core = K - K // 2
+    room = min(min(f.block_rows, sum(sorted(f.block_widths)[: n_core - 1])) for f in fits)
+    floor = 1e-3 if fits[0].subspace.dtype == torch.float32 else 1e-6
+    report = auto_flags(blocks, scores, room=room, guard=cfg.guard, floor=floor)
+    return scores, report.flags, report
 
 
 def clair(updates: Any, config: ClairConfig | None = None, *, scaling: Any = None, return_dense: bool = False,
@@ -103,21 +174,14 @@ def _clair(updates: Any, cfg: ClairConfig, kind: str, scaling: Any, return_dense
     factored = is_factor_input(updates) if kind == "auto" else kind == "factors"
     problem = _problem(updates, "factors" if factored else "updates", cfg, scaling, "factors" if factored else "dense")
     fit = fit_problem(problem, cfg, progress=progress)
-    scores, flags = scores_and_flags(fit.sparse_sq, fit.total_sq, cfg.threshold)
-    return _result(fit, cfg, scores, flags, problem=problem, return_dense=return_dense)
+    scores, flags, report = _decide([fit], cfg, lambda: [problem.solver_blocks])
+    return _result(fit, cfg, scores, flags, problem=problem, return_dense=return_dense, detection=report)
 
 
 def clair_factored(factors: Any, config: ClairConfig | None = None, *, scaling: Any = None, return_dense: bool = False,
                    progress: bool = False, **options: Any) -> ClairResult:
     """:func:`clair` with ``factors`` always read as LoRA pairs (``clair`` itself dispatches by input type)."""
     return _clair(factors, ClairConfig.resolve(config, options), "factors", scaling, return_dense, progress)
-
-
-def _joint(results: Iterable[ModuleFit], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    fits = list(results)
-    sparse = sum(f.sparse_sq.double().cpu() for f in fits)
-    total = sum(f.total_sq.double().cpu() for f in fits)
-    return scores_and_flags(sparse, total, threshold)
 
 
 def clair_modules(updates_by_module: Mapping[str, Any] | Source, config: ClairConfig | None = None, *,
@@ -182,36 +246,47 @@ def clair_modules(updates_by_module: Mapping[str, Any] | Source, config: ClairCo
         del problem, fit
     if not fits:
         raise ValueError("updates_by_module yielded no module")
-    scores, flags = _joint(fits.values(), cfg.threshold)
 
-    def module_result(name: str, problem: Problem | None, *, keep: bool) -> ClairResult:
-        fit = fits[name]
-        m_scores, _ = scores_and_flags(fit.sparse_sq, fit.total_sq, cfg.threshold)
-        return _result(fit, cfg, m_scores, flags.to(fit.subspace.device), problem=problem, keep=keep)
-
-    if not streamed:
-        per_module = {n: module_result(n, p, keep=True) for n, p in problems.items()}
-        return MultiModuleClairResult(per_module=per_module, scores=scores, flags=flags, benign=~flags, config=cfg)
-
-    def replay(only: str | None = None) -> Iterator[tuple[str, ClairResult]]:
+    def reread(check: bool = True) -> Iterator[tuple[str, Problem]]:
         for name, ups in source():
-            if only is not None and name != only:
-                continue
             if name not in fits:
                 raise ValueError(f"module {name!r} was not seen in the first pass")
             problem = _problem(ups, f"updates_by_module[{name!r}]", cfg, scaling, "auto")
-            ref = fits[name].total_sq.double().cpu()
-            energy = torch.stack([b.pow(2).sum() for b in problem.blocks]).double().cpu()
-            if len(energy) != len(ref) or not torch.allclose(energy, ref, rtol=1e-3,
-                                                              atol=1e-30 + 1e-6 * float(ref.max())):
+            problem.normalise(cfg.clip)
+            ref = fits[name].norms
+            if check and (len(problem.norms) != len(ref) or not torch.allclose(problem.norms, ref, rtol=1e-3,
+                                                                              atol=1e-300 + 1e-6 * float(ref.max()))):
                 raise ValueError(f"updates_by_module[{name!r}]: the data differ from the first pass (a source must "
                                  "replay the same data)")
-            yield name, module_result(name, problem, keep=False)
+            yield name, problem
+
+    def solver_blocks() -> Iterator[list[torch.Tensor]]:
+        if not streamed:
+            return (p.solver_blocks for p in problems.values())
+        return (p.solver_blocks for _, p in reread())
+
+    scores, flags, report = _decide(list(fits.values()), cfg, solver_blocks)
+
+    def module_result(name: str, problem: Problem | None, *, keep: bool) -> ClairResult:
+        fit = fits[name]
+        m_scores, _ = scores_and_flags(fit.sparse_sq, fit.total_sq, 0.5)
+        return _result(fit, cfg, m_scores, flags.to(fit.subspace.device), problem=problem, keep=keep,
+                       detection=report)
+
+    if not streamed:
+        per_module = {n: module_result(n, p, keep=True) for n, p in problems.items()}
+        return MultiModuleClairResult(per_module=per_module, scores=scores, flags=flags, benign=~flags, config=cfg,
+                                      detection=report)
+
+    def replay(only: str | None = None) -> Iterator[tuple[str, ClairResult]]:
+        for name, problem in reread():
+            if only is None or name == only:
+                yield name, module_result(name, problem, keep=False)
 
     # first-pass summaries: no decomposition and no refinement kept
     per_module = {n: module_result(n, None, keep=False) for n in fits}
     return MultiModuleClairResult(per_module=per_module, scores=scores, flags=flags, benign=~flags, config=cfg,
-                                  _refresh=replay)
+                                  detection=report, _refresh=replay)
 
 
 clair_factored_modules = clair_modules

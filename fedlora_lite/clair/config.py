@@ -17,9 +17,18 @@ from .rules import check_threshold
 
 __all__ = ["ClairConfig", "REFINE_MODES"]
 
-REFINE_MODES = ("average", "project")
-"""``average``: own in-subspace part + collaborative average off the subspace (the paper's
-refinement as we read it); ``project``: own in-subspace part only."""
+REFINE_MODES = ("adaptive", "paper", "average", "project", "fixed")
+"""How the collaborative set is refined (:mod:`fedlora_lite.clair.refine`):
+
+* ``adaptive`` (default, ours): ``mean_C + W_k (M_k - mean_C)`` with a norm-robust mean and
+  weights ``W_k = w_in U U^T + w_off (I - U U^T)`` chosen from the data (shrinkage, or the
+  clients' own validation through :func:`~fedlora_lite.clair.refine.candidate_refinements`);
+* ``paper`` (alias ``average``): the paper's refinement as we read it, ``U U^T M_k + (I - U U^T)
+  mean_C`` with the plain mean, i.e. weights (1, 0);
+* ``project``: ``U U^T M_k`` (own in-subspace part only);
+* ``fixed``: the family with the given ``weights=(w_in, w_off)`` and the norm-robust mean
+  ((0, 0) = detect, then average; (1, 1) = local).
+"""
 
 
 def _check_int(value: Any, name: str, *, allow_none: bool = True, minimum: int = 1) -> None:
@@ -44,8 +53,18 @@ class ClairConfig:
             level of its benign residual).
         side: "column" (shared output subspace, Theta_k = U V_k^T) or "row" (shared input
             subspace, Theta_k = W_k U^T).
-        threshold: flag client k when ||S_k||_F / ||M_k||_F > threshold; in (0, 1).
+        threshold: "auto" (default, ours): the data-driven rule of
+            :mod:`fedlora_lite.clair.detect` (leave-one-out residuals against a core, stable
+            along a rank path); or a float in (0, 1): the paper's rule, flag client k when
+            ||S_k||_F / ||M_k||_F > threshold.
         refine: one of :data:`REFINE_MODES`.
+        weights: (w_in, w_off) in [0, 1]^2 for ``refine="fixed"``.
+        clip: norm-robustness (ours): every client's update enters the decomposition and the
+            collaborative mean with its norm clipped to ``clip`` times the median client norm
+            (None: no clipping). Flags, subspace and refined updates do not depend on the
+            units of the updates: the stack is always solved after division by that median.
+        guard: the minimum residual ratio of ``threshold="auto"``
+            (:data:`~fedlora_lite.clair.detect.DEFAULT_GUARD`).
         max_rank: largest rank "auto" may choose.
         max_iter, tol: solver iteration cap and tolerance (None = the solver's default for
             the dtype).
@@ -58,8 +77,11 @@ class ClairConfig:
     lam: float | None = None
     mu: float | str | None = None
     side: str = "column"
-    threshold: float = 0.5
-    refine: str = "average"
+    threshold: float | str = "auto"
+    refine: str = "adaptive"
+    weights: tuple[float, float] | None = None
+    clip: float | None = 2.0
+    guard: float = 1.3
     max_rank: int | None = None
     max_iter: int = 5000
     tol: float | None = None
@@ -79,8 +101,24 @@ class ClairConfig:
         elif self.mu is not None:
             check_positive(self.mu, "mu")
         check_choice(self.side, "side", SIDES)
-        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+        if isinstance(self.threshold, str):
+            if self.threshold != "auto":
+                raise ValueError(f"threshold must be 'auto' or a float in (0, 1), got {self.threshold!r}")
+        else:
+            object.__setattr__(self, "threshold", check_threshold(self.threshold))
         check_choice(self.refine, "refine", REFINE_MODES)
+        if self.refine == "fixed":
+            w = self.weights
+            if (not isinstance(w, (tuple, list)) or len(w) != 2
+                    or not all(0.0 <= check_positive(x, "weights", allow_zero=True) <= 1.0 for x in w)):
+                raise ValueError(f"refine='fixed' needs weights=(w_in, w_off) with both in [0, 1], got {w!r}")
+            object.__setattr__(self, "weights", (float(w[0]), float(w[1])))
+        elif self.weights is not None:
+            raise ValueError(f"weights is only used with refine='fixed' (refine={self.refine!r})")
+        if self.clip is not None and check_positive(self.clip, "clip") < 1.0:
+            raise ValueError(f"clip must be None or >= 1 (a multiple of the median client norm), got {self.clip!r}")
+        if check_positive(self.guard, "guard") < 1.0:
+            raise ValueError(f"guard must be >= 1, got {self.guard!r}")
         _check_int(self.max_rank, "max_rank")
         _check_int(self.max_iter, "max_iter", allow_none=False)
         if self.tol is not None:

@@ -4,8 +4,15 @@ A :class:`Problem` is what the solver sees: K blocks plus the dense shape (d, p)
 client update. Dense updates give their own blocks (d x p); LoRA factors give the exact
 reduced blocks (q x t_k) of :func:`fedlora_lite.core.reduction.reduce_pairs`, together with
 the basis Q that lifts a reduced subspace back to R^d. :func:`fit_problem` then runs the
-same steps on either: (optional) mu estimate, the decomposition, the rank, the energies
-that give the scores.
+same steps on either:
+
+1. **Robust normalisation (ours).** Client norms ||M_k||_F are computed overflow-safely,
+   the stack is divided by their median (so flags and iteration counts do not depend on
+   the units: the exact program is scale-equivariant, and real LoRA updates have entries
+   of 1e-2 to 1e-4), and every block is clipped to ``clip`` times that median, so one
+   client scaled by 1e30 can neither overflow the solver nor dominate the stack.
+2. (optional) the mu estimate, the decomposition, the rank, the energies that give the
+   scores.
 """
 
 from __future__ import annotations
@@ -47,6 +54,21 @@ class Problem:
     stack: torch.Tensor | None = None
     pairs: list[Pair] | None = None
     reduction: FactoredReduction | None = None
+    scale: float = 1.0
+    norms: torch.Tensor | None = None
+    multipliers: torch.Tensor | None = None
+    solver_blocks: list[torch.Tensor] | None = None
+
+    def normalise(self, clip: float | None) -> None:
+        """Fill ``norms``, ``scale``, ``multipliers`` and ``solver_blocks`` (see the module docstring)."""
+        self.norms = client_norms(self.blocks)
+        pos = self.norms[self.norms > 0]
+        self.scale = float(pos.median()) if pos.numel() else 1.0
+        mult = torch.ones_like(self.norms)
+        if clip is not None:
+            mult = torch.where(self.norms > clip * self.scale, clip * self.scale / torch.clamp(self.norms, min=1e-300), mult)
+        self.multipliers = mult
+        self.solver_blocks = [b * (float(m) / self.scale) for b, m in zip(self.blocks, mult)]
 
     @property
     def num_clients(self) -> int:
@@ -56,9 +78,22 @@ class Problem:
     def factored(self) -> bool:
         return self.reduction is not None
 
+    def block_ranks(self) -> list[int]:
+        """Inner width of every client's block (r_k on the factored path, p when dense)."""
+        return [int(b.shape[1]) for b in self.blocks]
+
     def lift(self, basis: torch.Tensor) -> torch.Tensor:
         """A subspace basis in the blocks' coordinates -> (d, r) in R^d."""
         return basis if self.reduction is None else self.reduction.Q @ basis
+
+
+def client_norms(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """(K,) Frobenius norms as float64 on the CPU, without overflow (each block scaled by its max first)."""
+    out = []
+    for b in blocks:
+        a = float(b.abs().max()) if b.numel() else 0.0
+        out.append(0.0 if a == 0.0 else a * float(torch.linalg.matrix_norm((b / a).double())))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def dense_problem(updates: Any, name: str, side: str) -> Problem:
@@ -81,14 +116,17 @@ class ModuleFit:
     """What one fit produces (see :func:`fit_problem`).
 
     Attributes:
-        decomposition: of the solver's blocks (reduced blocks on the factored path: its
-            objective, block norms and lam are the dense program's); None once dropped
-            (streamed modules keep only the small state below).
+        decomposition: of the solver's blocks, i.e. of the normalised, clipped stack
+            (reduced blocks on the factored path: its objective, block norms and lam are the
+            dense program's); None once dropped (streamed modules keep only the small state).
+            ``objective``, ``mu`` and ``singular_values`` below are in the updates' units.
         subspace: (d, r) orthonormal basis of the shared subspace in R^d.
         rank: r.
         singular_values: of L-hat, zero-padded to the dense length min(d, K p).
         sparse_sq, total_sq: (K,) ||S_k||_F^2 and ||M_k||_F^2.
         mu: the noise weight used (None = exact form).
+        scale: the median client norm the stack was divided by.
+        multipliers: (K,) norm-clipping factors min(1, clip * scale / ||M_k||).
         shape: (d, p) of one dense client update (working orientation).
         name: the problem's label.
     """
@@ -106,6 +144,11 @@ class ModuleFit:
     objective: float
     iterations: int
     converged: bool
+    scale: float = 1.0
+    multipliers: torch.Tensor | None = None
+    norms: torch.Tensor | None = None
+    block_rows: int = 0
+    block_widths: tuple[int, ...] = ()
 
 
 def _check_rank(cfg: ClairConfig, problem: Problem, side: str) -> None:
@@ -143,12 +186,14 @@ def fit_problem(problem: Problem, cfg: ClairConfig, *, progress: bool = False) -
     _check_rank(cfg, problem, cfg.side)
     opts = _solver_options(cfg, problem, progress)
     (d, p), K = problem.shape, problem.num_clients
-    mu = cfg.mu
+    problem.normalise(cfg.clip)
+    blocks = problem.solver_blocks
+    mu = cfg.mu if not isinstance(cfg.mu, float | int) else float(cfg.mu) / problem.scale
     if mu == "auto":
-        dec0 = decompose(problem.blocks, lam=cfg.lam, **opts)
-        mu = estimate_mu(problem.blocks, dec0, problem.shape, rank=cfg.rank, max_rank=cfg.max_rank)
+        dec0 = decompose(blocks, lam=cfg.lam, **opts)
+        mu = estimate_mu(blocks, dec0, problem.shape, rank=cfg.rank, max_rank=cfg.max_rank)
         opts["init"] = dec0
-    dec = decompose(problem.blocks, lam=cfg.lam, mu=mu, **opts)
+    dec = decompose(blocks, lam=cfg.lam, mu=mu, **opts)
     U_all, s = singular_vectors_of_L(dec)
     s_full = padded(s, min(d, K * p))
     r = choose_rank(s_full, max_rank=cfg.max_rank) if cfg.rank == "auto" else cfg.rank
@@ -157,8 +202,18 @@ def fit_problem(problem: Problem, cfg: ClairConfig, *, progress: bool = False) -
     if r == 0:
         warnings.warn(f"{problem.name}: the low-rank part is zero (lam={dec.lam:.3g} too small?); the shared subspace "
                       "is empty", RuntimeWarning, stacklevel=4)
-    sparse_sq = torch.stack([b.pow(2).sum() for b in dec.S_blocks])
-    total_sq = torch.stack([b.pow(2).sum() for b in problem.blocks])
-    return ModuleFit(decomposition=dec, subspace=problem.lift(U_all[:, :r]), rank=r, singular_values=s_full,
-                     sparse_sq=sparse_sq, total_sq=total_sq, mu=dec.mu, shape=problem.shape, name=problem.name,
-                     lam=dec.lam, objective=dec.objective, iterations=dec.iterations, converged=dec.converged)
+    # energies in the original units of the (clipped) updates, float64: pooled over modules
+    # they weight a module by how much of the update it carries
+    scale2 = problem.scale**2
+    sparse_sq = torch.stack([b.double().pow(2).sum() for b in dec.S_blocks]).cpu() * scale2
+    total_sq = torch.stack([b.double().pow(2).sum() for b in blocks]).cpu() * scale2
+    if not (bool(torch.isfinite(sparse_sq).all()) and bool(torch.isfinite(dec.L).all())):
+        raise FloatingPointError(f"{problem.name}: the decomposition produced non-finite values; the updates span too "
+                                 "many orders of magnitude for their dtype (pass float64)")
+    return ModuleFit(decomposition=dec, subspace=problem.lift(U_all[:, :r]), rank=r, singular_values=s_full * problem.scale,
+                     sparse_sq=sparse_sq, total_sq=total_sq, mu=None if dec.mu is None else dec.mu * problem.scale,
+                     shape=problem.shape, name=problem.name, lam=dec.lam,
+                     objective=dec.objective * (problem.scale if dec.mu is None else scale2),
+                     iterations=dec.iterations, converged=dec.converged, scale=problem.scale,
+                     multipliers=problem.multipliers, norms=problem.norms, block_rows=int(blocks[0].shape[0]),
+                     block_widths=tuple(int(b.shape[1]) for b in blocks))

@@ -15,6 +15,7 @@ import torch
 from ..core.decomposition import Decomposition
 from ..core.reduction import FactoredReduction
 from .config import ClairConfig
+from .detect import DetectionReport
 from .refine import RefinedFactors
 
 __all__ = ["ClairResult", "MultiModuleClairResult"]
@@ -69,6 +70,11 @@ class ClairResult(_Decision):
         refined_updates: (K, d, p) refined updates (flagged clients keep their own input),
             for dense inputs (or factors with ``return_dense=True``); None when not computed.
         refined_factors: K refined LoRA pairs (factored path only).
+        refine_weights: (K, 2) the (w_in, w_off) each client's refinement used (NaN for
+            flagged clients; see :mod:`fedlora_lite.clair.refine`).
+        detection: how ``threshold="auto"`` decided (:class:`~fedlora_lite.clair.detect.DetectionReport`),
+            None with a fixed threshold.
+        scale: the median client norm the stack was normalised by.
     """
 
     subspace: torch.Tensor
@@ -90,6 +96,9 @@ class ClairResult(_Decision):
     reduction: FactoredReduction | None = field(default=None, repr=False)
     refined_updates: torch.Tensor | None = field(default=None, repr=False)
     refined_factors: RefinedFactors | None = field(default=None, repr=False)
+    refine_weights: torch.Tensor | None = field(default=None, repr=False)
+    detection: DetectionReport | None = field(default=None, repr=False)
+    scale: float = 1.0
 
     def dense_refined(self) -> torch.Tensor:
         """The refined updates as a dense (K, d, p) tensor, whichever path produced them."""
@@ -113,6 +122,7 @@ class MultiModuleClairResult(_Decision):
         flags: (K,) bool joint flags (scores > threshold).
         benign: (K,) bool, ~flags.
         config: the :class:`~fedlora_lite.clair.config.ClairConfig` of the run.
+        detection: the joint :class:`~fedlora_lite.clair.detect.DetectionReport` (``threshold="auto"``).
     """
 
     per_module: dict[str, ClairResult]
@@ -120,6 +130,7 @@ class MultiModuleClairResult(_Decision):
     flags: torch.Tensor
     benign: torch.Tensor
     config: ClairConfig
+    detection: DetectionReport | None = field(default=None, repr=False)
     _refresh: Callable[[], Iterator[tuple[str, ClairResult]]] | None = field(default=None, repr=False)
 
     @property

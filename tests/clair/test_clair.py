@@ -106,8 +106,8 @@ def test_clean_federation_flags_nobody():
 
 def test_all_flagged_warns_and_returns_local():
     fed = make_update_federation(8, 10, 3, 2, 0.25, "random", seed=1)
-    with pytest.warns(RuntimeWarning):
-        res = clair(fed.theta, lam=1e-3)
+    with pytest.warns(RuntimeWarning):  # the paper's fixed threshold: with L = 0 every score is 1
+        res = clair(fed.theta, lam=1e-3, threshold=0.5)
     assert res.flags.all()
     assert torch.equal(res.refined_updates, fed.theta)
 
@@ -176,7 +176,8 @@ def test_mu_auto_estimates_the_noise_spectral_norm():
     sigma = float(err.pow(2).mean().sqrt())
     res = clair(est, mu="auto")
     expected = sigma * (30**0.5 + 160**0.5)
-    assert res.decomposition.mu == pytest.approx(expected, rel=0.15)
+    assert res.mu == pytest.approx(expected, rel=0.15)  # in the updates' units (the solver saw them / res.scale)
+    assert res.decomposition.mu == pytest.approx(res.mu / res.scale)
     assert torch.equal(res.flags, ~fed.benign) and res.rank == 3
     with pytest.raises(ValueError, match="mu must be"):
         clair(est, mu="guess")

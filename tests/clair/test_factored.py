@@ -93,7 +93,7 @@ def test_solver_keeps_the_compact_svd_of_L():
 
 def test_refined_factor_structure_and_ranks():
     factors, benign = _instance(seed=4, het=0.0)
-    res = clair_factored(factors)
+    res = clair_factored(factors, refine="paper")  # (w_in, w_off) = (1, 0): one shared off-subspace component
     m_C = sum(r for r, b in zip(RAGGED, benign) if b)
     for k, ((B, A), (B0, A0)) in enumerate(zip(res.refined_factors, factors)):
         if benign[k]:
@@ -101,6 +101,8 @@ def test_refined_factor_structure_and_ranks():
         else:  # flagged clients get their own factors back
             assert torch.equal(B, B0) and torch.equal(A, A0)
     assert res.refined_factors.ranks == [B.shape[1] for B, _ in res.refined_factors]
+    adaptive = clair_factored(factors)  # both shared components may be used
+    assert all(w <= RAGGED[k] + 2 * min(m_C, 30) for k, w in enumerate(adaptive.refined_factors.ranks))
     proj = clair_factored(factors, refine="project")
     for k, (B, A) in enumerate(proj.refined_factors):
         assert B.shape == factors[k][0].shape and A.shape == factors[k][1].shape  # LoRA shapes kept
@@ -171,10 +173,13 @@ def test_streaming_source_is_read_twice_and_checked():
         for i in range(3):
             yield f"layer{i}", _instance(seed=offset["seed"] + i)[0]
 
-    res = clair_factored_modules(source)
+    res = clair_factored_modules(source, threshold=0.5)  # the paper's rule: one fit pass
     assert len(calls) == 1 and list(res.per_module) == ["layer0", "layer1", "layer2"]
     names = [n for n, _ in res.iter_refined()]
     assert names == ["layer0", "layer1", "layer2"] and len(calls) == 2
+    calls.clear()
+    auto = clair_factored_modules(source)  # threshold="auto" re-reads the source for its residuals
+    assert 2 <= len(calls) <= 3 and auto.flags.tolist() == clair_factored_modules(dict(source())).flags.tolist()
 
     offset["seed"] = 20  # the source now replays other data
     with pytest.raises(ValueError, match="differ from the first pass"):
