@@ -18,7 +18,9 @@ the data:
    ``floor(K/2)`` clients above it; the flagged set is the split that stays the same over the
    longest run of consecutive ranks (at least ``min_run``), like stability selection along
    a model-size path (Meinshausen & Buhlmann 2010).
-4. **Refit the core** on the unflagged clients and repeat once.
+4. **Refit the core** on the unflagged clients and repeat once; then refine the split by
+   2-means on the residuals averaged over the run (the largest gap can fall inside the
+   contaminated group).
 5. **Guard.** A split is accepted only if the flagged clients' median residual is at least
    ``guard`` times the core's (:data:`DEFAULT_GUARD`, calibrated on seeds disjoint from every
    reported result by ``benchmarks/calibrate_guard.py``); otherwise nobody is flagged.
@@ -131,6 +133,24 @@ def stable_split(path: torch.Tensor, *, min_run: int = 3) -> tuple[tuple[int, ..
     return best[1], best[2]
 
 
+def _two_means(x: torch.Tensor, flagged: tuple[int, ...], max_iter: int = 20) -> torch.Tensor:
+    """Refine a split of 1-D values by 2-means with medians (at most half the clients above the cut).
+
+    The largest gap can fall *inside* the contaminated group (two corrupted clients far
+    out, a third one nearer); re-assigning each client to the nearer group median fixes that.
+    """
+    K = x.numel()
+    up = torch.zeros(K, dtype=torch.bool)
+    up[list(flagged)] = True
+    for _ in range(max_iter):
+        cut = 0.5 * (float(x[~up].median()) + float(x[up].median()))
+        new = x > cut
+        if int(new.sum()) == 0 or int(new.sum()) > K // 2 or bool((new == up).all()):
+            break
+        up = new
+    return up
+
+
 def auto_flags(modules: Callable[[], Iterable[Sequence[torch.Tensor]]], scores: torch.Tensor, *, room: int,
                max_rank: int = 12, min_run: int = 3, guard: float = DEFAULT_GUARD, iterations: int = 2,
                floor: float = 1e-6) -> DetectionReport:
@@ -169,8 +189,8 @@ def auto_flags(modules: Callable[[], Iterable[Sequence[torch.Tensor]]], scores: 
     ratio = 1.0
     if flagged and run is not None:
         mid = resid[run[0] : run[1] + 1].mean(dim=0)
-        up = torch.zeros(K, dtype=torch.bool)
-        up[list(flagged)] = True
+        up = _two_means(mid, flagged)
+        flagged = tuple(int(i) for i in torch.nonzero(up).flatten())
         # residual fractions below the round-off floor count as zero: an exactly low-rank
         # federation has nothing to flag
         ratio = float(max(mid[up].median(), floor) / max(mid[~up].median(), floor))

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from ...clair.config import ClairConfig
 from ...core.validation import check_choice, check_fraction
-from ...federated.aggregators import available_aggregators
 from .tasks import CopyTaskConfig
 from .training import TrainConfig
 
 __all__ = ["BASELINES", "LocalTrainingConfig", "ExperimentConfig"]
 
-BASELINES: tuple[str, ...] = ("local", "fedavg", "oracle_fedavg", "median", "trimmed_mean", "geometric_median", "krum")
-"""Baselines run on the same local adapters as CLAIR (names of :func:`fedlora_lite.federated.aggregate`)."""
+BASELINES: tuple[str, ...] = ("local", "fedavg", "oracle_fedavg", "median", "trimmed_mean", "geometric_median", "krum",
+                               "multi_krum", "svd_refine")
+"""Baselines run on the same local adapters as CLAIR (see :mod:`~fedlora_lite.experiments.copy_task.methods`)."""
 
 
 def _default_task() -> CopyTaskConfig:
     return CopyTaskConfig(num_clients=10, contamination=0.3, letters="abcdefghijklmnop", num_shared=6, focus_size=6,
-                          focus_mass=0.2, train_size=(2, 5), eval_size=64, length=(8, 16))
+                          focus_mass=0.2, train_size=(2, 5), eval_size=48, val_size=4, length=(8, 16))
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,6 @@ class LocalTrainingConfig:
                            grad_clip=1.0)
 
 
-def _default_clair() -> ClairConfig:
-    # lam, threshold and rank were set by hand for this task (see the notebook); the
-    # library defaults treat benign LoRA updates as exactly low rank and flag most of them
-    return ClairConfig(lam=1.0, rank=1, threshold=0.6)
-
-
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything :func:`run_copy_experiment` needs.
@@ -79,16 +72,22 @@ class ExperimentConfig:
         task: the federated copy task; ``task.num_clients`` is K and ``task.contamination``
             the headline contamination fraction (always part of the sweep).
         local: local LoRA fine-tuning settings.
-        clair: CLAIR's options (:class:`~fedlora_lite.clair.ClairConfig`); ``side="column"`` shares the
-            *output* directions of ΔW (the span of the B factors): every client starts from
-            the same A, so input directions are shared by construction.
+        clair: CLAIR's options (:class:`~fedlora_lite.clair.ClairConfig`; default: the library's
+            defaults, no hand-set knob). ``side="column"`` shares the *output* directions of
+            ΔW (the span of the B factors): every client starts from the same A, so input
+            directions are shared by construction.
         seeds: one pool of clients (and one local training) per seed.
         sweep: contamination fractions evaluated on every seed's pool.
-        methods: aggregators to compare; ``"clair"`` plus any of :data:`BASELINES` (or
-            ``"multi_krum"``).
-        method_options: per-method options for :func:`fedlora_lite.federated.aggregators.aggregate`.
+        methods: names from :data:`~fedlora_lite.experiments.copy_task.methods.METHODS`.
+        tuned: methods with a knob send each client up to
+            :data:`~fedlora_lite.experiments.copy_task.methods.TUNING_BUDGET` candidates and the
+            client keeps the best on its validation pairs (``task.val_size`` must be > 0);
+            False: the first setting only (and CLAIR's shrinkage weights).
         exact_match_size: held-out pairs per benign client decoded greedily (headline
-            fraction only; 0 disables).
+            fraction and ``exact_match_methods`` only; 0 disables).
+        exact_match_methods: methods whose exact match is measured.
+        sweep_methods: methods evaluated at the sweep's other fractions (None: all ``methods``;
+            fewer keeps a long sweep cheap).
         refactor_rank: also score CLAIR's refined updates re-factorised into adapters of
             this rank (headline fraction only; None disables).
         base_dir: checkpoint directory of the base; None = the shipped ``data/base_copy``.
@@ -102,12 +101,14 @@ class ExperimentConfig:
 
     task: CopyTaskConfig = field(default_factory=_default_task)
     local: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
-    clair: ClairConfig = field(default_factory=_default_clair)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    clair: ClairConfig = field(default_factory=ClairConfig)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     sweep: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-    methods: tuple[str, ...] = BASELINES + ("clair",)
-    method_options: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: {"trimmed_mean": {"trim": 0.2}})
-    exact_match_size: int = 16
+    methods: tuple[str, ...] = BASELINES + ("detect_average", "clair_paper", "clair_shrinkage", "clair")
+    tuned: bool = True
+    exact_match_size: int = 8
+    exact_match_methods: tuple[str, ...] = ("local", "oracle_fedavg", "median", "detect_average", "clair")
+    sweep_methods: tuple[str, ...] | None = None
     refactor_rank: int | None = 4
     base_dir: str | None = None
     pretrain: Any = None
@@ -124,10 +125,19 @@ class ExperimentConfig:
         object.__setattr__(self, "seeds", tuple(self.seeds))
         sweep = sorted({float(check_fraction(f, "sweep")) for f in self.sweep} | {float(self.task.contamination)})
         object.__setattr__(self, "sweep", tuple(sweep))
-        allowed = set(available_aggregators())
-        if not self.methods or any(m not in allowed for m in self.methods):
-            raise ValueError(f"methods must be names from {sorted(allowed)}, got {self.methods!r}")
+        from .methods import METHODS
+
+        if isinstance(self.methods, str) or not self.methods or any(m not in METHODS for m in self.methods):
+            raise ValueError(f"methods must be names from {list(METHODS)}, got {self.methods!r}")
         object.__setattr__(self, "methods", tuple(dict.fromkeys(self.methods)))
+        if self.sweep_methods is not None:
+            if isinstance(self.sweep_methods, str) or any(m not in self.methods for m in self.sweep_methods):
+                raise ValueError(f"sweep_methods must be a subset of methods {list(self.methods)}, got {self.sweep_methods!r}")
+            object.__setattr__(self, "sweep_methods", tuple(dict.fromkeys(self.sweep_methods)))
+        if not isinstance(self.clair, ClairConfig):
+            raise TypeError(f"clair must be a ClairConfig, got {type(self.clair).__name__}")
+        if self.tuned and self.task.val_size == 0:
+            raise ValueError("tuned=True needs validation pairs: set task.val_size > 0 (or tuned=False)")
         check_choice(self.on_invalid, "on_invalid", ("exclude", "raise"))
         if isinstance(self.exact_match_size, bool) or not isinstance(self.exact_match_size, int) or self.exact_match_size < 0:
             raise ValueError(f"exact_match_size must be a non-negative int, got {self.exact_match_size!r}")

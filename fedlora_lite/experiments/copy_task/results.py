@@ -19,9 +19,11 @@ class ExperimentResult:
     Attributes:
         config: the configuration.
         records: one dict per (seed, contamination, method, benign client) with
-            ``token_accuracy`` and ``exact_match`` (None where not measured).
-        detection: one dict per (seed, contamination) with CLAIR's precision, recall, F1,
-            flagged and truly contaminated clients, joint scores and kinds.
+            ``token_accuracy``, ``exact_match`` (None where not measured) and ``choice`` (the
+            candidate the client kept).
+        detection: one dict per (seed, contamination, flagging method) with precision,
+            recall, F1, flagged and truly contaminated clients, kinds (and for CLAIR the
+            joint scores and the residual ratio of its flag rule).
         spectra: per seed, per module: singular values of the stacked updates (output
             side) — ``local_all``, ``local_benign`` (true benign) and ``clair_refined``
             (CLAIR's collaborative set after refinement) — at the headline fraction.
@@ -71,11 +73,11 @@ class ExperimentResult:
                          "exact_match_std": None if e is None else float(e.std()), "seeds": int(v.size)})
         return rows
 
-    def detection_summary(self) -> list[dict[str, Any]]:
-        """Per contamination fraction: CLAIR's precision / recall / F1, mean and std over seeds."""
+    def detection_summary(self, method: str = "clair") -> list[dict[str, Any]]:
+        """Per contamination fraction: a method's precision / recall / F1, mean and std over seeds."""
         rows = []
         for f in self.config.sweep:
-            ds = [d for d in self.detection if abs(d["contamination"] - f) < 1e-9]
+            ds = [d for d in self.detection if abs(d["contamination"] - f) < 1e-9 and d.get("method", "clair") == method]
             if not ds:
                 continue
             row: dict[str, Any] = {"contamination": f}
@@ -85,6 +87,21 @@ class ExperimentResult:
             row["exact"] = sum(bool(d["exact"]) for d in ds)
             rows.append(row)
         return rows
+
+    def paired(self, method: str, reference: str, metric: str = "token_accuracy",
+               contamination: float | None = None) -> np.ndarray:
+        """(S,) per-seed differences method - reference of the benign-client means (paired by seed)."""
+        per = self.per_seed(metric, contamination)
+        return per[method] - per[reference]
+
+    def choices(self, method: str = "clair", contamination: float | None = None) -> dict[str, int]:
+        """How often each candidate setting was kept by the clients (headline fraction by default)."""
+        f = self.config.task.contamination if contamination is None else contamination
+        out: dict[str, int] = {}
+        for r in self.records:
+            if r["method"] == method and abs(r["contamination"] - f) < 1e-9:
+                out[r["choice"]] = out.get(r["choice"], 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def sweep_curves(self, metric: str = "token_accuracy") -> dict[str, np.ndarray]:
         """Method -> (S, F) benign-client mean ``metric`` per seed and sweep fraction."""

@@ -114,7 +114,10 @@ class CopyTaskConfig:
         focus_size: letters in a client's topic.
         focus_mass: probability mass on the topic letters (the rest is uniform).
         train_size: (low, high) training pairs per client, drawn uniformly (inclusive).
-        eval_size: held-out pairs per client.
+        eval_size: held-out pairs per client (the test data every method is scored on).
+        val_size: a client's small validation split (default 0): extra pairs from its own
+            distribution that no method trains on; clients use them to choose among the
+            candidates a server sends (client-side validation).
         length: (low, high) source length in characters, drawn uniformly (inclusive).
         word_length: (low, high) letters per word.
         colluding: contaminated clients of one kind share a single corruption draw.
@@ -130,6 +133,7 @@ class CopyTaskConfig:
     focus_mass: float = 0.8
     train_size: tuple[int, int] = (4, 12)
     eval_size: int = 64
+    val_size: int = 0
     length: tuple[int, int] = (8, 16)
     word_length: tuple[int, int] = (2, 6)
     colluding: bool = False
@@ -162,6 +166,7 @@ class CopyTaskConfig:
         check_fraction(self.focus_mass, "focus_mass", inclusive_high=True)
         object.__setattr__(self, "train_size", _check_range(self.train_size, "train_size", 0))
         _check_int(self.eval_size, "eval_size", 1)
+        _check_int(self.val_size, "val_size", 0)
         object.__setattr__(self, "length", _check_range(self.length, "length", 1))
         object.__setattr__(self, "word_length", _check_range(self.word_length, "word_length", 1))
         if not isinstance(self.colluding, bool):
@@ -193,6 +198,7 @@ class CopyClient:
             that are not substitutions).
         topic: the client's focus letters.
         letter_probs: (len(letters),) probabilities of the client's letters.
+        val: the client's validation pairs (``val_size`` of them; never trained on).
     """
 
     index: int
@@ -202,6 +208,7 @@ class CopyClient:
     mapping: dict[str, str]
     topic: str
     letter_probs: torch.Tensor = field(repr=False)
+    val: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def benign(self) -> bool:
@@ -259,7 +266,7 @@ class FederatedCopyTask:
         if len(idx) < 3 or len(set(idx)) != len(idx) or not all(0 <= i < self.num_clients for i in idx):
             raise ValueError(f"indices must be >= 3 distinct client indices in [0, {self.num_clients}), got {indices!r}")
         clients = [
-            CopyClient(j, c.kind, c.train, c.eval, c.mapping, c.topic, c.letter_probs)
+            CopyClient(j, c.kind, c.train, c.eval, c.mapping, c.topic, c.letter_probs, c.val)
             for j, c in enumerate(self.clients[i] for i in idx)
         ]
         n_cont = sum(not c.benign for c in clients)
@@ -344,7 +351,9 @@ def _make_client(
     n_train = int(torch.randint(lo, hi + 1, (1,), generator=g_train))
     train = [(s, _target(kind, s, mapping, cfg, g_train)) for s in (_sentence(cfg, probs, g_train) for _ in range(n_train))]
     ev = [(s, _target(kind, s, mapping, cfg, g_eval)) for s in (_sentence(cfg, probs, g_eval) for _ in range(cfg.eval_size))]
-    return CopyClient(index, kind, train, ev, dict(mapping), topic, probs)
+    g_val = torch.Generator().manual_seed(client_seed ^ 0x2545F4914F6CDD1D)  # its own stream: val_size changes nothing else
+    val = [(s, _target(kind, s, mapping, cfg, g_val)) for s in (_sentence(cfg, probs, g_val) for _ in range(cfg.val_size))]
+    return CopyClient(index, kind, train, ev, dict(mapping), topic, probs, val)
 
 
 def _draw_structure(cfg: CopyTaskConfig, generator: torch.Generator) -> tuple[str, str, str, dict[str, str]]:
