@@ -17,8 +17,8 @@ The same budget and the same rule for CLAIR and for every tunable baseline:
 ``geometric_median``   geometric median (Weiszfeld)
 ``krum``               Krum, its f tuned
 ``multi_krum``         Multi-Krum, (f, m) tuned
-``svd_refine``         ablation without detection: SVD of the whole stack, the paper's
-                       refinement with the mean over *all* clients (non-robust)
+``svd_refine``         ablation without detection: top-r SVD of the whole stack (r = CLAIR's
+                       rank), the paper's refinement with the mean over *all* clients
 ``detect_average``     CLAIR's flags, then the (norm-robust) mean over the unflagged
 ``clair_paper``        CLAIR's flags and the paper's refinement (weights (1, 0), plain mean)
 ``clair_shrinkage``    CLAIR with weights from the shrinkage estimate (no validation)
@@ -116,12 +116,12 @@ def _per_client(est: Mapping[str, torch.Tensor], K: int) -> list[dict[str, torch
     return [{n: e[k] for n, e in est.items()} for k in range(K)]
 
 
-def _svd_refine(deltas: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _svd_refine(deltas: Mapping[str, torch.Tensor], ranks: Mapping[str, int]) -> dict[str, torch.Tensor]:
     out = {}
     for n, M in deltas.items():
         K = M.shape[0]
         U, s, _ = torch.linalg.svd(torch.cat(list(M), dim=1), full_matrices=False)
-        r = max(choose_rank(s), 1)
+        r = max(ranks.get(n) or choose_rank(s), 1)
         W = torch.tensor([[1.0, 0.0]] * K, dtype=M.dtype)
         out[n] = apply_family(M, U[:, :r], torch.ones(K, dtype=torch.bool), W, M.mean(dim=0))
     return out
@@ -160,11 +160,15 @@ def method_candidates(methods: Sequence[str], fed: Federation, clair_cfg: ClairC
     """
     K = fed.num_clients
     out: dict[str, MethodCandidates] = {}
+    res = None
+    if any(m in CLAIR_METHODS or m == "svd_refine" for m in methods):
+        res = clair_modules(fed.factors(), clair_cfg.with_options(refine="adaptive"))
     for m in methods:
         if m in CLAIR_METHODS:
             continue
         if m == "svd_refine":
-            out[m] = MethodCandidates([[c] for c in _per_client(_svd_refine(fed.deltas), K)], ["rank by gap"])
+            ranks = {n: r.rank for n, r in res.per_module.items()}
+            out[m] = MethodCandidates([[c] for c in _per_client(_svd_refine(fed.deltas, ranks), K)], ["CLAIR's rank"])
             continue
         grid = baseline_grid(m, K) if tuned else baseline_grid(m, K)[:1]
         per_setting, flags = [], None
@@ -177,7 +181,6 @@ def method_candidates(methods: Sequence[str], fed: Federation, clair_cfg: ClairC
         out[m] = MethodCandidates([[per_setting[i][k] for i in range(len(grid))] for k in range(K)], labels,
                                   flags=flags)
     if any(m in CLAIR_METHODS for m in methods):
-        res = clair_modules(fed.factors(), clair_cfg.with_options(refine="adaptive"))
         family = _clair_family(fed, res, clair_cfg.clip)
         info = {"clair": res}
         shrunk = _per_client({n: r.dense_refined() for n, r in res.per_module.items()}, K)
