@@ -81,7 +81,7 @@ class ClairConfig:
     refine: str = "adaptive"
     weights: tuple[float, float] | None = None
     clip: float | None = 2.0
-    guard: float = 1.3
+    guard: float = 1.35
     max_rank: int | None = None
     max_iter: int = 5000
     tol: float | None = None

@@ -40,7 +40,7 @@ import torch
 
 __all__ = ["DEFAULT_GUARD", "DetectionReport", "loo_residuals", "stable_split", "auto_flags"]
 
-DEFAULT_GUARD = 1.3
+DEFAULT_GUARD = 1.35
 """Default guard ratio of :func:`auto_flags` (see ``benchmarks/calibrate_guard.py``)."""
 
 

@@ -161,6 +161,7 @@ def run_copy_experiment(cfg: ExperimentConfig) -> ExperimentResult:
     detection: list[dict[str, Any]] = []
     spectra: dict[int, dict[str, dict[str, list[float]]]] = {}
     clair_ranks: dict[int, dict[str, int]] = {}
+    paths: dict[int, dict[str, Any]] = {}
     excluded_all: dict[int, dict[int, str]] = {}
     cache_stats = {"trained": 0, "loaded": 0}
     evaluator = None
@@ -194,6 +195,11 @@ def run_copy_experiment(cfg: ExperimentConfig) -> ExperimentResult:
             if is_head and clair_out is not None:
                 res = clair_out.info["clair"]
                 clair_ranks[seed] = {n: r.rank for n, r in res.per_module.items()}
+                if res.detection is not None:
+                    rep = res.detection
+                    paths[seed] = {"ranks": rep.ranks, "residuals": rep.residuals.tolist(), "run": rep.run,
+                                   "ratio": rep.ratio, "guard": rep.guard, "flags": res.flags.tolist(),
+                                   "scores": res.scores.tolist(), "contaminated": (~fed.benign).tolist()}
                 spectra[seed] = _spectra(fed.deltas, {n: r.dense_refined() for n, r in res.per_module.items()},
                                          fed.benign, res.benign)
             t0 = time.perf_counter()
@@ -209,7 +215,7 @@ def run_copy_experiment(cfg: ExperimentConfig) -> ExperimentResult:
                                 "kind": "benign", "token_accuracy": evaluator.token_accuracy(test[i]),
                                 "exact_match": em, "choice": "-"})
     timings["total"] = time.perf_counter() - t_start
-    return ExperimentResult(cfg, records, detection, spectra, clair_ranks, excluded_all, timings, cache_stats)
+    return ExperimentResult(cfg, records, detection, spectra, clair_ranks, excluded_all, timings, cache_stats, paths)
 
 
 def _evaluate(fed: Federation, pool: FederatedCopyTask, outputs: Mapping[str, MethodCandidates], evaluator: Evaluator,

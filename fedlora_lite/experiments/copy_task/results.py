@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,9 @@ class ExperimentResult:
         excluded: per seed, client index -> reason.
         timings: seconds per stage (local training, aggregation, evaluation, total).
         cache: {"trained": n, "loaded": m} adapters over all seeds.
+        detection_paths: per seed, at the headline fraction, what CLAIR's flag rule saw
+            (rank path, leave-one-out residuals per rank and client, the stable run, the
+            residual ratio, flags, the decomposition's scores, the truth).
     """
 
     config: ExperimentConfig
@@ -41,6 +44,7 @@ class ExperimentResult:
     excluded: dict[int, dict[int, str]]
     timings: dict[str, float]
     cache: dict[str, int]
+    detection_paths: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def methods(self) -> list[str]:
