@@ -164,19 +164,22 @@ def plot_sweep(
 
 def plot_client_scores(
     scores: Any,
-    threshold: float,
+    threshold: float | str | None = None,
     *,
     contaminated: Any = None,
+    flags: Any = None,
     title: str | None = None,
     ylabel: str = "score  ||S_k||_F / ||M_k||_F",
     ax: Any = None,
 ) -> Any:
-    """Bar chart of per-client contamination scores with the flag threshold as a line.
+    """Bar chart of per-client contamination scores, the flag threshold and the flags.
 
     Args:
         scores: (K,) scores.
-        threshold: flag threshold (drawn as a dashed horizontal line).
+        threshold: a fixed flag threshold (drawn as a dashed line); ``"auto"``/None draws none
+            (CLAIR's data-driven rule has no single threshold: pass ``flags``).
         contaminated: optional (K,) bool truth; contaminated clients are drawn in red.
+        flags: optional (K,) bool decision; flagged clients get a black outline and an "x".
         title, ylabel: labels.
         ax: Axes to draw on; default a new figure.
 
@@ -199,8 +202,17 @@ def plot_client_scores(
     else:
         handles = []
     ax.bar(np.arange(s.size), s, color=colours)
-    line = ax.axhline(float(threshold), color="black", linestyle="--", linewidth=1, label=f"threshold {threshold:g}")
-    ax.legend(handles=handles + [line], fontsize=8)
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        handles.append(ax.axhline(float(threshold), color="black", linestyle="--", linewidth=1,
+                                  label=f"threshold {threshold:g}"))
+    if flags is not None:
+        f = np.asarray(flags.detach().cpu() if hasattr(flags, "detach") else flags, dtype=bool)
+        if f.shape != s.shape:
+            raise ValueError(f"flags must have shape {s.shape}, got {f.shape}")
+        (marks,) = ax.plot(np.nonzero(f)[0], s[f] + 0.03, "kx", label="flagged")
+        handles.append(marks)
+    if handles:
+        ax.legend(handles=handles, fontsize=8)
     ax.set_xlabel("client k")
     ax.set_ylabel(ylabel)
     ax.set_xticks(np.arange(s.size))
