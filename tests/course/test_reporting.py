@@ -15,10 +15,8 @@ from fedlora_lite.course.reporting import (
     load_results,
     save_results,
     select_profile,
-    summary_table,
-    write_summary_csv,
-    write_summary_markdown,
 )
+from fedlora_lite.course.summary import summary_table, write_summary_csv, write_summary_markdown
 
 TABLE = {
     "smoke": {"n_clients": 6, "steps": 10},
