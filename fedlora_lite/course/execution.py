@@ -117,6 +117,34 @@ def _excerpt(source: str, max_lines: int = 8) -> str:
     return "\n".join(lines)
 
 
+def _kernel_manager_logging_to(log):
+    """An AsyncKernelManager class whose kernel process writes its stdout/stderr to ``log``.
+
+    The kernel's own log lines (e.g. the traceback ipykernel prints when it is shut down
+    in the middle of a cell, after Ctrl-C) would otherwise interleave with this process's
+    output; when a kernel dies, the tail of the log is shown with the failure instead.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class KernelManagerWithLog(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
+            kw.setdefault("stdout", log)
+            kw.setdefault("stderr", log)
+            await AsyncKernelManager.start_kernel(self, **kw)
+
+    return KernelManagerWithLog
+
+
+def _log_tail(log, max_lines: int = 8) -> str:
+    """The last lines of the kernel's log (empty if it is closed or empty)."""
+    try:
+        log.seek(0)
+        lines = log.read().decode("utf-8", "replace").strip().splitlines()
+    except (OSError, ValueError):
+        return ""
+    return "\n".join(lines[-max_lines:])
+
+
 def execute_notebook(
     info: NotebookInfo,
     output: Path,
@@ -139,6 +167,9 @@ def execute_notebook(
     partial = output.with_name(f".{output.stem}.partial.ipynb")
     t0 = time.perf_counter()
     error = None
+    config = _kernel_manager_config()
+    kernel_log = tempfile.TemporaryFile()  # the kernel process's own output (cells' outputs travel over ZMQ)
+    config.NotebookClient.kernel_manager_class = _kernel_manager_logging_to(kernel_log)
     try:
         with pinned_python_kernel(kernel_name):
             pm.execute_notebook(
@@ -150,7 +181,7 @@ def execute_notebook(
                 progress_bar=progress,
                 log_output=False,
                 execution_timeout=execution_timeout,
-                config=_kernel_manager_config(),
+                config=config,
             )
     except PapermillExecutionError as exc:
         if exc.ename == "KeyboardInterrupt":  # the kernel itself was interrupted: stop the run, not just this notebook
@@ -164,10 +195,13 @@ def execute_notebook(
             source=_excerpt(exc.source or ""),
         )
     except Exception as exc:  # kernel death, cell timeout, unreadable notebook: still a reportable failure
-        error = CellError(ename=type(exc).__name__, evalue=str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        error = CellError(ename=type(exc).__name__, evalue=str(exc).strip().splitlines()[0] if str(exc).strip() else "",
+                          source=_log_tail(kernel_log))
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    finally:
+        kernel_log.close()
     wall = time.perf_counter() - t0
     if partial.exists():
         try:

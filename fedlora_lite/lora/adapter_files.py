@@ -186,7 +186,7 @@ def safetensors_header(data: bytes, label: str, filename: str = "adapter_model.s
         if not isinstance(entry, dict):
             raise AdapterError(f"{bad} (entry {key[:200]!r} is not an object)")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in _FLOAT_DTYPES:
+        if not isinstance(dtype, str) or dtype not in _FLOAT_DTYPES:
             raise AdapterError(f"{where} has dtype {str(dtype)[:20]!r}, expected one of {sorted(_FLOAT_DTYPES)}")
         if (not isinstance(shape, list) or len(shape) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
