@@ -108,7 +108,7 @@ def _short_parameters(record: Mapping[str, Any] | None) -> str:
         return ""
     params = record.get("parameters") or {}
     overrides = set(record.get("overrides") or ())
-    shown = [k for k in params if k == "seed" or k in overrides]
+    shown = (["seed"] if "seed" in params else []) + [k for k in params if k in overrides and k != "seed"]
     return ", ".join(f"{k}={params[k]!r}" + (" (override)" if k in overrides else "") for k in shown)
 
 
