@@ -63,7 +63,8 @@ def refine_updates(updates: Any, subspace: torch.Tensor, benign: Any, mode: str 
         raise ValueError("benign selects no client: there is no collaborative set to refine with")
     U = subspace.to(M)
     gram_err = float((U.T @ U - torch.eye(U.shape[1], dtype=U.dtype, device=U.device)).abs().max()) if U.shape[1] else 0.0
-    if not gram_err <= 1e3 * torch.finfo(U.dtype).eps * max(1, U.shape[1]):  # also catches NaN
+    eps = torch.finfo(subspace.dtype if subspace.is_floating_point() else U.dtype).eps  # the basis' own precision
+    if not gram_err <= 1e3 * max(eps, torch.finfo(U.dtype).eps) * max(1, U.shape[1]):  # also catches NaN
         raise ValueError(f"subspace must have orthonormal columns (max |U^T U - I| = {gram_err:.2g})")
     inside = torch.einsum("dr,kdp->krp", U, M)
     own = torch.einsum("dr,krp->kdp", U, inside)

@@ -37,7 +37,7 @@ def test_select_profile_picks_and_overrides():
     assert cfg.as_dict() == {"profile": "default", "n_clients": 20, "steps": 50}
     assert repr(cfg) == "ProfileConfig(profile='default', n_clients=20, steps=50)"
     assert select_profile("smoke", TABLE).n_clients == 6
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="ProfileConfig is read-only"):
         cfg.steps = 3
     assert TABLE["default"]["steps"] == 200  # the table itself is untouched
 
