@@ -17,7 +17,7 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +50,16 @@ class RunInterrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[Callable[[], None]]:
     """Within the block, SIGINT and SIGTERM raise :class:`RunInterrupted` (main thread only).
 
     Handlers a caller installed itself, and ignored signals (``SIG_IGN``, e.g. SIGINT in a
-    background job), are left alone; the previous handlers are restored afterwards.
+    background job), are left alone; the previous handlers are restored afterwards. The
+    block receives a ``rearm()`` function that puts the handlers back if a library reset
+    them to the default in the meantime (asyncio does that when it removes its own).
     """
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
 
     def handler(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -67,8 +69,14 @@ def signals_raise() -> Iterator[None]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
             previous[sig] = signal.signal(sig, handler)
+
+    def rearm() -> None:
+        for sig in previous:
+            if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):
+                signal.signal(sig, handler)
+
     try:
-        yield
+        yield rearm
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)

@@ -196,21 +196,23 @@ def _run_sequence(
     """
     stop = False
     current: tuple[NotebookInfo, float] | None = None
-    try:
-        for info in _progress_bar(notebooks, desc, progress):
-            output, nb_out, injected, record = plan[info.name]
-            if stop:
-                report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "skipped", 0.0))
-                continue
-            with signals_raise():
+    with signals_raise() as rearm:
+        try:
+            for info in _progress_bar(notebooks, desc, progress):
+                rearm()  # the previous notebook's event loop may have reset the handlers
+                output, nb_out, injected, record = plan[info.name]
+                if stop:
+                    report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "skipped", 0.0))
+                    continue
                 current = (info, time.perf_counter())
                 error = prepare_outputs(output, nb_out)
                 if error is None:
                     report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "running", 0.0))
                     _finish(report, title, outputs)  # the summary says "running", not an earlier "ok"
                     report.runs.pop()
-                    wall, error = execute_notebook(info, output, parameters=injected, cwd=nb_dir, kernel_name=kernel_name,
-                                           progress=progress, execution_timeout=execution_timeout)
+                    wall, error = execute_notebook(info, output, parameters=injected, cwd=nb_dir,
+                                                   kernel_name=kernel_name, progress=progress,
+                                                   execution_timeout=execution_timeout)
                     run = _collect(info, output, nb_out, wall, error, record)
                 else:
                     run = NotebookRun(info.name, info.path, output, nb_out, "failed", 0.0, error=error)
@@ -219,21 +221,21 @@ def _run_sequence(
                 report.runs.append(run)
                 current = None
                 _finish(report, title, outputs)
-            stop = fail_fast and not run.ok
-    except KeyboardInterrupt as exc:
-        if current is not None:
-            info, t0 = current
-            output, nb_out = plan[info.name][:2]
-            report.runs = [r for r in report.runs if r.name != info.name]
-            report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "interrupted",
-                                           time.perf_counter() - t0,
-                                           error=CellError(ename="Interrupted", evalue="the run was interrupted")))
-        report.interrupted = True
-        with signals_raise():
+                stop = fail_fast and not run.ok
+        except KeyboardInterrupt as exc:
+            rearm()
+            if current is not None:
+                info, t0 = current
+                output, nb_out = plan[info.name][:2]
+                report.runs = [r for r in report.runs if r.name != info.name]
+                report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "interrupted",
+                                               time.perf_counter() - t0,
+                                               error=CellError(ename="Interrupted", evalue="the run was interrupted")))
+            report.interrupted = True
             _finish(report, title, outputs)
-        if isinstance(exc, RunInterrupted):
-            raise
-        raise RunInterrupted(signal.SIGINT) from exc
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted(signal.SIGINT) from exc
     return report
 
 
