@@ -349,20 +349,20 @@ def _run_and_signal(root, out, tmpdir, sig) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_interrupt_writes_an_honest_summary_cleans_up_and_exits_with_one_line(make_notebook, tmp_path, sig, code):
+def test_interrupt_writes_an_honest_summary_cleans_up_and_exits_with_one_line(make_notebook, tmp_path):
     make_notebook("00_slow", ["import time\ntime.sleep(scale)", SAVE_CELL.format(name="00_slow")])
     make_notebook("01_ok")
     root, out = tmp_path / "notebooks", tmp_path / "o"
     assert run_notebooks("smoke", out=out, parameters={"scale": 0}, progress=False, notebooks_dir=root).ok
-    tmpdir = tmp_path / "tmp"
-    tmpdir.mkdir()
-    done = _run_and_signal(root, out, tmpdir, sig)
-    assert done.returncode == code, done.stderr
-    assert done.stderr.strip().splitlines() == ["fedlora-lite: interrupted"], done.stderr
-    assert not list(tmpdir.iterdir())  # the temporary kernelspec folder is gone
-    assert not (out / "00_slow.ipynb").exists() and not (out / "00_slow" / "results.json").exists()
-    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial or temporary files
-    md = (out / "summary.md").read_text()
-    assert "| 00_slow | interrupted |" in md and "| this run |" in md
-    assert "| 01_ok | ok |" in md and "| earlier run | seed=0, scale=0 (override) |" in md
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # Ctrl-C, then kill, of a re-run
+        tmpdir = tmp_path / f"tmp_{code}"
+        tmpdir.mkdir()
+        done = _run_and_signal(root, out, tmpdir, sig)
+        assert done.returncode == code, done.stderr
+        assert done.stderr.strip().splitlines() == ["fedlora-lite: interrupted"], done.stderr
+        assert not list(tmpdir.iterdir())  # the temporary kernelspec folder is gone
+        assert not (out / "00_slow.ipynb").exists() and not (out / "00_slow" / "results.json").exists()
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial or temporary files
+        md = (out / "summary.md").read_text()
+        assert "| 00_slow | interrupted |" in md and "| this run |" in md, md
+        assert "| 01_ok | ok |" in md and "| earlier run | seed=0, scale=0 (override) |" in md, md
