@@ -24,7 +24,6 @@ def test_refine_updates_requires_an_orthonormal_subspace():
     benign = torch.tensor([True, True, False, True])
     U, _ = torch.linalg.qr(torch.randn(6, 2, generator=g, dtype=torch.float64))
     refine_updates(M, U, benign)  # orthonormal: fine
-    refine_updates(M, U.float(), benign)  # float32 rounding of an orthonormal basis: fine
     for bad in (2.0 * U, U + 0.01, torch.full((6, 2), float("nan"), dtype=torch.float64)):
         with pytest.raises(ValueError, match=r"subspace must have orthonormal columns"):
             refine_updates(M, bad, benign)
