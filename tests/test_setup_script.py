@@ -23,7 +23,8 @@ SETUP = ROOT / ".ci" / "setup"
 
 
 def _setup(tmp_path, **env) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", **env}
+    """Run .ci/setup on the virtual environment running these tests (wherever it lives)."""
+    full = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "SETUP_VENV": sys.prefix, **env}
     return subprocess.run(["bash", str(SETUP)], capture_output=True, text=True, timeout=300, env=full, cwd=tmp_path)
 
 
