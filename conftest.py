@@ -18,3 +18,9 @@ def pytest_configure(config):
     path = getattr(config.option, "nbval_sanitize_with", None)
     if path and not Path(path).is_absolute():
         config.option.nbval_sanitize_with = str(config.rootpath / path)
+
+
+# `jupyter nbconvert --to notebook --execute` writes NN_topic.nbconvert.ipynb beside the source:
+# executed copies are not part of the course, and nbval must not collect them (pytest matches
+# these patterns against full paths, so they apply at any depth).
+collect_ignore_glob = ["*.nbconvert.ipynb"]

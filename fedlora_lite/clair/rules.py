@@ -35,6 +35,8 @@ def choose_rank(singular_values: torch.Tensor, *, max_rank: int | None = None, r
         r >= 0 (0 only when L-hat is zero).
     """
     s = singular_values.detach().flatten()
+    if not bool(torch.isfinite(s).all()):  # NaN compares false everywhere: the gap rule would return 1
+        raise ValueError("singular_values contains NaN or Inf")
     if s.numel() == 0 or float(s[0]) <= 0:
         return 0
     if s.numel() == 1:

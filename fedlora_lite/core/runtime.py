@@ -39,8 +39,12 @@ def set_seed(seed: int) -> torch.Generator:
 
 
 def make_generator(seed: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A fresh torch generator seeded with ``seed`` (on ``device``)."""
-    gen = torch.Generator(device=device)
+    """A fresh torch generator seeded with ``seed`` (on ``device``, checked by :func:`resolve_device`).
+
+    Raises:
+        ValueError: ``device`` is not a device or names an absent accelerator.
+    """
+    gen = torch.Generator(device=resolve_device(device))
     gen.manual_seed(int(seed))
     return gen
 

@@ -25,6 +25,10 @@ def as_matrix(x: Any, name: str, *, dtype: torch.dtype | None = None, device: to
     at least single precision). Device is preserved unless ``device`` is given.
     """
     if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "biuf":  # object, string, datetime, complex ...: torch's error would not name x
+            raise TypeError(f"{name} must be a real numeric array, got numpy dtype {x.dtype}")
+        if not x.dtype.isnative:  # e.g. big-endian data read from a file: same values, native byte order
+            x = x.astype(x.dtype.newbyteorder("="))
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, torch.Tensor):
         t = x.detach()

@@ -1,8 +1,9 @@
 """Course tooling, apart from the library: profiles, results files, runner, CLI, plotting.
 
 Profiles and results files (``reporting``), the notebook files (``notebooks``), the papermill
-runner (``runner``), the ``fedlora-lite`` command (``cli``) and the notebooks' plotting
-helpers (``plotting``).
+runner (``runner``; one notebook's execution in ``execution``, argument checks and interrupts
+in ``run_control``, the run summary in ``summary``), the ``fedlora-lite`` command (``cli``) and
+the notebooks' plotting helpers (``plotting``).
 
 Import the module you need (``from fedlora_lite.course.runner import run_notebooks``); this
 package imports nothing itself, so a notebook that only plots does not load papermill.

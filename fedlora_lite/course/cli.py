@@ -7,19 +7,23 @@ Examples::
     fedlora-lite run --profile default --only 02 03 --out outputs/try -p seed 1
     fedlora-lite refresh --only 00
 
-Exit status: 0 on success, 1 when a notebook failed, 2 on a usage error.
+Exit status: 0 on success, 1 when a notebook failed, 2 on a usage error (one line on
+stderr, no traceback), 130 after Ctrl-C and 143 after SIGTERM (the line "interrupted";
+the summary then describes what is on disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import math
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from .reporting import PROFILES
 from .notebooks import discover_notebooks
+from .run_control import RunInterrupted
 from .runner import RunReport, refresh_notebooks, run_notebooks
 
 __all__ = ["main", "build_parser", "parse_value"]
@@ -56,12 +60,50 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing notebook")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="per-cell execution timeout (default: none)")
+    p.add_argument("--timeout", type=_positive_seconds, metavar="SECONDS",
+                   help="per-cell execution timeout, rounded up to whole seconds (default: none)")
+
+
+# --- usage errors: one line, exit 2 (hardening; keep these helpers separate) ---------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (and exit status 2), not the usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+def _positive_seconds(text: str) -> int | float:
+    """``--timeout`` value: a positive int or float (fractions are rounded up by the runner)."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
+def _interrupted(exc: KeyboardInterrupt) -> int:
+    """Ctrl-C / SIGTERM: one line, and the shell's status for the signal."""
+    print("fedlora-lite: interrupted", file=sys.stderr)
+    return exc.exit_code if isinstance(exc, RunInterrupted) else 130
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="fedlora-lite",
         description="Run the fedlora_lite notebook sequence (CLAIR: contamination-aware federated LoRA).",
     )
@@ -106,6 +148,8 @@ def _print_report(report: RunReport) -> None:
     print(f"executed notebooks: {report.out_dir}")
     print(f"summary:            {report.summary_md}")
     print(f"                    {report.summary_csv}")
+    if report.earlier:
+        print(f"also in the summary, from earlier runs in this folder: {', '.join(report.earlier)}")
     n_bad = len(report.failed)
     if n_bad:
         print(f"{n_bad} notebook(s) failed", file=sys.stderr)
@@ -117,6 +161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedlora-lite``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt as exc:
+        return _interrupted(exc)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "list":
             notebooks = discover_notebooks(args.notebooks)
@@ -140,8 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = run_notebooks(args.profile, parameters=params, **common)
         else:
             report = refresh_notebooks(**common)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"fedlora-lite: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError) as exc:  # usage errors: raised before any notebook runs
+        print(f"fedlora-lite: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     _print_report(report)
     return report.exit_code

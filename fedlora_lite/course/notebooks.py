@@ -48,7 +48,10 @@ def default_notebooks_dir() -> Path:
 
 
 def _title(path: Path) -> str:
-    nb = nbformat.read(path, as_version=4)
+    try:
+        nb = nbformat.read(path, as_version=4)
+    except Exception:  # noqa: BLE001 - an unreadable notebook is listed untitled and fails when it runs
+        return ""
     for cell in nb.cells:
         if cell.cell_type == "markdown":
             for line in cell.source.splitlines():

@@ -4,22 +4,30 @@ Every notebook picks its sizes with :func:`select_profile` (``smoke`` for second
 checks, ``default`` for the CPU run whose outputs are committed, ``full`` for a GPU) and
 ends by writing its key numbers with :func:`save_results` to ``<output_dir>/results.json``.
 The runner (:mod:`fedlora_lite.course.runner`) collects those files with :func:`load_results` and
-renders them with :func:`summary_table`, :func:`write_summary_markdown` and
-:func:`write_summary_csv`.
+renders them as the run summary (:mod:`fedlora_lite.course.summary`).
 
 Results files are strict JSON. Non-finite numbers (NaN, Inf) are refused by default,
 because a NaN in a summary almost always means a diverged run that should fail loudly;
 pass ``allow_nonfinite=True`` to store them as ``null`` instead.
+
+Same seed, same profile, same bytes: ``results.json`` holds no timestamps, paths or wall
+times. Wall-clock measurements go to ``timings.json`` beside it (``save_results(...,
+timings=...)``), which determinism checks ignore. The runner adds a ``"run"`` record (profile
+and parameters, without the output folder) with :func:`record_run`. Every file here is
+written atomically (a temporary file in the same folder, then ``os.replace``), so an
+interrupted run never leaves half a file.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -30,21 +38,23 @@ import torch
 __all__ = [
     "PROFILES",
     "RESULTS_FILENAME",
+    "TIMINGS_FILENAME",
+    "atomic_write_text",
+    "record_run",
+    "load_run_record",
+    "load_timings",
     "ProfileConfig",
-    "SummaryRow",
     "select_profile",
     "save_results",
     "load_results",
     "to_jsonable",
-    "summary_table",
-    "write_summary_markdown",
-    "write_summary_csv",
 ]
 
 PROFILES: tuple[str, ...] = ("smoke", "default", "full")
 """The profile names every notebook understands, from cheapest to most expensive."""
 
 RESULTS_FILENAME = "results.json"
+TIMINGS_FILENAME = "timings.json"
 _FORMAT_VERSION = 1
 _MAX_TENSOR_ELEMENTS = 10_000  # results files hold key numbers, not weights
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -181,17 +191,50 @@ def to_jsonable(value: Any, *, allow_nonfinite: bool = False, _path: str = "resu
     raise TypeError(f"{_path} has unsupported type {type(value).__name__}; convert it to numbers, strings or lists")
 
 
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    Readers see the old file or the new one, never a part; the temporary file is removed
+    if writing fails (or is interrupted).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private; give it an ordinary file's mode
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _dump(payload: Mapping[str, Any]) -> str:
+    return json.dumps(payload, indent=2, allow_nan=False) + "\n"
+
+
 def save_results(
     results: Mapping[str, Any],
     output_dir: str | Path,
     notebook: str,
     *,
+    timings: Mapping[str, Any] | None = None,
     allow_nonfinite: bool = False,
 ) -> Path:
     """Write a notebook's key numbers to ``<output_dir>/results.json``.
 
     The file is ``{"notebook": ..., "format_version": 1, "results": {...}}`` with keys in
-    insertion order; no timestamps, so the same run gives the same bytes.
+    insertion order; no timestamps, so the same run gives the same bytes. Wall-clock
+    measurements belong in ``timings``: they go to ``<output_dir>/timings.json``, which is
+    not part of the deterministic results.
 
     Args:
         results: mapping of string keys to numbers, strings, bools, lists, nested
@@ -199,10 +242,11 @@ def save_results(
         output_dir: directory (created if missing), normally the notebook's
             ``output_dir`` parameter.
         notebook: the notebook's name, e.g. ``"02_linear_regression"``.
+        timings: optional wall times and speed ratios (same value types as ``results``).
         allow_nonfinite: store NaN/Inf as ``null`` instead of raising.
 
     Returns:
-        Path of the written file.
+        Path of the written ``results.json``.
 
     Raises:
         TypeError: ``results`` is not a mapping or holds unsupported values.
@@ -214,18 +258,60 @@ def save_results(
         raise ValueError(f"notebook must be a name like '02_linear_regression', got {notebook!r}")
     if not isinstance(output_dir, (str, Path)):
         raise TypeError(f"output_dir must be a str or Path, got {type(output_dir).__name__}")
+    if timings is not None and not isinstance(timings, Mapping):
+        raise TypeError(f"timings must be a mapping, got {type(timings).__name__}")
     payload = {
         "notebook": notebook,
         "format_version": _FORMAT_VERSION,
         "results": to_jsonable(results, allow_nonfinite=allow_nonfinite),
     }
+    timing_payload = None
+    if timings is not None:
+        timing_payload = {"notebook": notebook, "format_version": _FORMAT_VERSION,
+                          "timings": to_jsonable(timings, allow_nonfinite=allow_nonfinite, _path="timings")}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / RESULTS_FILENAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    tmp.replace(path)  # atomic: a crashed run never leaves half a file
-    return path
+    if timing_payload is not None:
+        atomic_write_text(out / TIMINGS_FILENAME, _dump(timing_payload))
+    return atomic_write_text(out / RESULTS_FILENAME, _dump(payload))
+
+
+def _read_payload(path: str | Path, filename: str) -> tuple[Path, dict[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / filename
+    payload = json.loads(p.read_text(encoding="utf-8"))
+    if not isinstance(payload, dict):
+        kind = "results" if filename == RESULTS_FILENAME else "timings"
+        raise ValueError(f"{p} is not a fedlora_lite {kind} file (not a JSON object)")
+    return p, payload
+
+
+def record_run(path: str | Path, run: Mapping[str, Any]) -> Path:
+    """Add (or replace) the ``"run"`` record of a results file: how the numbers were produced.
+
+    The runner records ``{"profile": ..., "parameters": {...}, "overrides": [...]}`` here
+    (see :func:`fedlora_lite.course.runner.run_notebooks`). Keep it free of paths and
+    times so that same-seed runs stay byte-identical.
+    """
+    p, payload = _read_payload(path, RESULTS_FILENAME)
+    payload["run"] = to_jsonable(run, _path="run")
+    return atomic_write_text(p, _dump(payload))
+
+
+def load_run_record(path: str | Path) -> dict[str, Any] | None:
+    """The ``"run"`` record of a results file (None when it has none)."""
+    _, payload = _read_payload(path, RESULTS_FILENAME)
+    run = payload.get("run")
+    return run if isinstance(run, dict) else None
+
+
+def load_timings(path: str | Path) -> dict[str, Any]:
+    """The ``timings`` mapping written by ``save_results(..., timings=...)`` (file or folder)."""
+    p, payload = _read_payload(path, TIMINGS_FILENAME)
+    if not isinstance(payload.get("timings"), dict):
+        raise ValueError(f"{p} is not a fedlora_lite timings file (no 'timings' mapping)")
+    return payload["timings"]
 
 
 def load_results(path: str | Path) -> dict[str, Any]:
@@ -238,115 +324,7 @@ def load_results(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: no results file there.
         ValueError: the file is not a results file.
     """
-    p = Path(path)
-    if p.is_dir():
-        p = p / RESULTS_FILENAME
-    payload = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(payload, dict) or not isinstance(payload.get("results"), dict):
+    p, payload = _read_payload(path, RESULTS_FILENAME)
+    if not isinstance(payload.get("results"), dict):
         raise ValueError(f"{p} is not a fedlora_lite results file (no 'results' mapping)")
     return payload["results"]
-
-
-@dataclasses.dataclass(frozen=True)
-class SummaryRow:
-    """One line of the run summary: a key number of one notebook (or its status only)."""
-
-    notebook: str
-    key: str
-    value: Any
-    status: str = "ok"
-    wall_time_s: float | None = None
-
-
-def _flatten(prefix: str, value: Any) -> list[tuple[str, Any]]:
-    if isinstance(value, Mapping):
-        rows: list[tuple[str, Any]] = []
-        for k, v in value.items():
-            rows.extend(_flatten(f"{prefix}.{k}" if prefix else str(k), v))
-        return rows
-    if isinstance(value, list):
-        if len(value) <= 8 and all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
-            return [(prefix, "[" + ", ".join(_format_value(v) for v in value) + "]")]
-        return [(prefix, f"<list of {len(value)}>")]
-    return [(prefix, value)]
-
-
-def _format_value(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def summary_table(
-    results_by_notebook: Mapping[str, Mapping[str, Any] | None],
-    *,
-    status: Mapping[str, str] | None = None,
-    wall_times: Mapping[str, float] | None = None,
-) -> list[SummaryRow]:
-    """Flatten each notebook's results into (notebook, key, value) rows.
-
-    Nested mappings become dotted keys (``"benign_error.clair"``); short lists of scalars
-    are kept as a compact string, longer lists are shown as ``<list of N>``. A notebook
-    without results (failed, or not run) still gets one row with an empty key, so the
-    table lists every notebook with its status and wall time.
-
-    Args:
-        results_by_notebook: ``{notebook: results mapping or None}``, in display order.
-        status: optional ``{notebook: "ok" | "failed" | ...}`` (default ``"ok"``).
-        wall_times: optional ``{notebook: seconds}``.
-    """
-    if not isinstance(results_by_notebook, Mapping):
-        raise TypeError(f"results_by_notebook must be a mapping, got {type(results_by_notebook).__name__}")
-    status = status or {}
-    wall_times = wall_times or {}
-    rows: list[SummaryRow] = []
-    for nb, results in results_by_notebook.items():
-        st = status.get(nb, "ok")
-        wt = wall_times.get(nb)
-        flat = _flatten("", results) if results else []
-        if not flat:
-            rows.append(SummaryRow(nb, "", "", st, wt))
-        for key, value in flat:
-            rows.append(SummaryRow(nb, key, value, st, wt))
-    return rows
-
-
-def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def write_summary_markdown(rows: Sequence[SummaryRow], path: str | Path, *, title: str = "Run summary") -> Path:
-    """Write the rows as Markdown: a per-notebook status table, then the key numbers."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"# {title}", "", "| notebook | status | wall time (s) |", "|---|---|---:|"]
-    seen: dict[str, SummaryRow] = {}
-    for r in rows:
-        seen.setdefault(r.notebook, r)
-    for nb, r in seen.items():
-        wt = "" if r.wall_time_s is None else f"{r.wall_time_s:.1f}"
-        lines.append(f"| {_md_escape(nb)} | {_md_escape(r.status)} | {wt} |")
-    lines += ["", "| notebook | key | value |", "|---|---|---:|"]
-    for r in rows:
-        if r.key:
-            lines.append(f"| {_md_escape(r.notebook)} | {_md_escape(r.key)} | {_md_escape(_format_value(r.value))} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def write_summary_csv(rows: Sequence[SummaryRow], path: str | Path) -> Path:
-    """Write the rows as CSV with columns notebook, key, value, status, wall_time_s."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["notebook", "key", "value", "status", "wall_time_s"])
-        for r in rows:
-            wt = "" if r.wall_time_s is None else f"{r.wall_time_s:.2f}"
-            value = r.value if isinstance(r.value, str) else json.dumps(r.value)  # full precision
-            writer.writerow([r.notebook, r.key, value, r.status, wt])
-    return path

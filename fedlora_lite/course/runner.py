@@ -18,13 +18,9 @@ elsewhere (e.g. ``~/.local/share/jupyter``) cannot hijack the run.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import sys
-import tempfile
+import signal
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +28,9 @@ from typing import Any
 import nbformat
 
 from ..core.validation import check_choice
+from .execution import CellError, execute_notebook, pinned_python_kernel, prepare_outputs
 from .notebooks import (
     _RESERVED_PARAMETERS,
-    KERNELSPEC,
     NotebookInfo,
     default_notebooks_dir,
     discover_notebooks,
@@ -44,32 +40,16 @@ from .notebooks import (
 from .reporting import (
     PROFILES,
     RESULTS_FILENAME,
+    atomic_write_text,
     load_results,
-    summary_table,
-    write_summary_csv,
-    write_summary_markdown,
+    load_run_record,
+    record_run,
 )
+from .run_control import RunInterrupted, check_out_dir, check_timeout, notebook_parameters, run_record, signals_raise
+from .summary import earlier_runs, summary_table, write_summary_csv, write_summary_markdown
 
-__all__ = ["CellError", "NotebookRun", "RunReport", "run_notebooks", "refresh_notebooks", "pinned_python_kernel"]
-
-
-@dataclass(frozen=True)
-class CellError:
-    """Where and how a notebook failed (``cell_index`` counts cells of the executed copy)."""
-
-    ename: str
-    evalue: str
-    cell_index: int | None = None
-    execution_count: int | None = None
-    source: str = ""
-
-    def describe(self) -> str:
-        """Human-readable multi-line description for the console."""
-        where = "notebook" if self.cell_index is None else f"cell {self.cell_index} (In [{self.execution_count}])"
-        text = f"{where}: {self.ename}: {self.evalue}"
-        if self.source:
-            text += "\n" + "\n".join("    | " + line for line in self.source.splitlines())
-        return text
+__all__ = ["CellError", "NotebookRun", "RunReport", "RunInterrupted", "run_notebooks", "refresh_notebooks",
+           "pinned_python_kernel"]
 
 
 @dataclass
@@ -80,7 +60,7 @@ class NotebookRun:
     source: Path
     output: Path
     output_dir: Path | None
-    status: str  # "ok" | "failed" | "skipped"
+    status: str  # "ok" | "failed" | "skipped" | "interrupted" ("running" only inside the summary)
     wall_time_s: float
     results: dict[str, Any] | None = None
     error: CellError | None = None
@@ -99,6 +79,8 @@ class RunReport:
     runs: list[NotebookRun] = field(default_factory=list)
     summary_md: Path | None = None
     summary_csv: Path | None = None
+    earlier: list[str] = field(default_factory=list)  # notebooks the summary lists from earlier runs
+    interrupted: bool = False
 
     @property
     def ok(self) -> bool:
@@ -107,7 +89,7 @@ class RunReport:
 
     @property
     def failed(self) -> list[NotebookRun]:
-        return [r for r in self.runs if r.status == "failed"]
+        return [r for r in self.runs if r.status in ("failed", "interrupted")]
 
     @property
     def exit_code(self) -> int:
@@ -123,120 +105,9 @@ class RunReport:
         return "\n".join(blocks)
 
 
-@contextlib.contextmanager
-def pinned_python_kernel(kernel_name: str = "python3") -> Iterator[None]:
-    """Within the block, kernel ``kernel_name`` launches this interpreter (``sys.executable``).
-
-    A temporary kernelspec is put first on ``JUPYTER_PATH``, which jupyter_client searches
-    before the user and environment data folders. Non-``python3`` kernel names are left
-    alone (the caller asked for a specific kernel). Unless ``OMP_WAIT_POLICY`` is already
-    set, the kernel gets ``OMP_WAIT_POLICY=PASSIVE`` (see the comment in the code).
-    """
-    if kernel_name != "python3":
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="fedlora-kernel-") as tmp:
-        kdir = Path(tmp) / "kernels" / kernel_name
-        kdir.mkdir(parents=True)
-        try:  # ipykernel's own spec, so capabilities (debugger, CurveZMQ encryption) match
-            from ipykernel.kernelspec import get_kernel_dict
-
-            spec = get_kernel_dict()
-        except ImportError:  # pragma: no cover - ipykernel is a dependency
-            spec = {"argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}"], "language": "python"}
-        spec["argv"] = [sys.executable, *spec["argv"][1:]]
-        spec["display_name"] = KERNELSPEC["display_name"]
-        if "OMP_WAIT_POLICY" not in os.environ:
-            # Spinning OpenMP workers make small torch ops (the solver's SVDs) 10x slower as
-            # soon as another process competes for the cores; sleeping workers cost ~nothing.
-            spec["env"] = {"OMP_WAIT_POLICY": "PASSIVE"}
-        (kdir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
-        old = os.environ.get("JUPYTER_PATH")
-        os.environ["JUPYTER_PATH"] = tmp if not old else tmp + os.pathsep + old
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("JUPYTER_PATH", None)
-            else:
-                os.environ["JUPYTER_PATH"] = old
-
-
-def _kernel_manager_config():
-    """Traitlets config for the kernel manager: CurveZMQ-encrypt kernel traffic when possible.
-
-    Recent ipykernel warns on every start when its TCP sockets are unencrypted; asking
-    jupyter_client to provision keys ("auto" honours the kernelspec's declared support)
-    both removes the warning and encrypts the loopback traffic.
-    """
-    from traitlets.config import Config
-
-    try:
-        import zmq
-        from jupyter_client.manager import KernelManager
-
-        # older jupyter_client has no such trait and would warn about unknown config
-        curve = bool(zmq.has("curve")) and KernelManager.class_traits().get("transport_encryption") is not None
-    except ImportError:  # pragma: no cover - pyzmq comes with jupyter_client
-        curve = False
-    config = Config()
-    if curve:
-        config.KernelManager.transport_encryption = "auto"
-    return config
-
-
-def _excerpt(source: str, max_lines: int = 8) -> str:
-    lines = source.splitlines()
-    if len(lines) > max_lines:
-        lines = lines[:max_lines] + [f"... ({len(source.splitlines()) - max_lines} more lines)"]
-    return "\n".join(lines)
-
-
-def _execute(
-    info: NotebookInfo,
-    output: Path,
-    *,
-    parameters: Mapping[str, Any] | None,
-    cwd: Path,
-    kernel_name: str,
-    progress: bool,
-    execution_timeout: float | None,
-) -> tuple[float, CellError | None]:
-    """Run one notebook with papermill; return (wall seconds, error or None)."""
-    import papermill as pm
-    from papermill.exceptions import PapermillExecutionError
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    error = None
-    try:
-        with pinned_python_kernel(kernel_name):
-            pm.execute_notebook(
-                str(info.path),
-                str(output),
-                parameters=dict(parameters) if parameters else None,
-                kernel_name=kernel_name,
-                cwd=str(cwd),
-                progress_bar=progress,
-                log_output=False,
-                execution_timeout=execution_timeout,
-                config=_kernel_manager_config(),
-            )
-    except PapermillExecutionError as exc:
-        error = CellError(
-            ename=exc.ename,
-            evalue=str(exc.evalue),
-            cell_index=exc.cell_index,
-            execution_count=exc.exec_count,
-            source=_excerpt(exc.source or ""),
-        )
-    except Exception as exc:  # kernel death, cell timeout, unreadable notebook: still a reportable failure
-        error = CellError(ename=type(exc).__name__, evalue=str(exc).strip().splitlines()[0] if str(exc).strip() else "")
-    return time.perf_counter() - t0, error
-
-
 def _collect(
-    info: NotebookInfo, output: Path, output_dir: Path | None, wall: float, error: CellError | None
+    info: NotebookInfo, output: Path, output_dir: Path | None, wall: float, error: CellError | None,
+    record: Mapping[str, Any] | None = None,
 ) -> NotebookRun:
     results = None
     if error is None:
@@ -250,27 +121,122 @@ def _collect(
         else:
             try:
                 results = load_results(path)
-            except (ValueError, OSError) as exc:
+                if record is not None:
+                    record_run(path, record)  # seed and overrides travel with the numbers
+            except (ValueError, TypeError, OSError) as exc:
                 error = CellError(ename=type(exc).__name__, evalue=str(exc))
+                results = None
     status = "ok" if error is None else "failed"
     return NotebookRun(info.name, info.path, output, output_dir, status, wall, results, error)
 
 
-def _finish(report: RunReport, title: str) -> RunReport:
-    rows = summary_table(
-        {r.name: r.results for r in report.runs},
-        status={r.name: r.status for r in report.runs},
-        wall_times={r.name: r.wall_time_s for r in report.runs},
-    )
+def _finish(report: RunReport, title: str, outputs: Mapping[str, tuple[Path, Path | None]]) -> RunReport:
+    """Write the summary: this run's notebooks, plus what earlier runs left in the folder.
+
+    ``outputs`` maps every notebook of the sequence, in order, to (executed copy, results
+    folder); notebooks not run now (or skipped) appear when their files are there.
+    """
+    current = {r.name: r for r in report.runs if r.status != "skipped"}
+    earlier = earlier_runs({n: o for n, o in outputs.items() if n not in current}, report.out_dir / "summary.csv")
+    skipped = {r.name: r for r in report.runs if r.status == "skipped" and r.name not in earlier}
+    results, status, wall, runs, records = {}, {}, {}, {}, {}
+    for name in outputs:
+        if name in current:
+            r = current[name]
+            results[name], status[name], wall[name], runs[name] = r.results, r.status, r.wall_time_s, "this run"
+            records[name] = _record_of(r)
+        elif name in earlier:
+            e = earlier[name]
+            results[name], status[name], wall[name], runs[name], records[name] = (
+                e.results, e.status, e.wall_time_s, "earlier run", e.record)
+        elif name in skipped:
+            results[name], status[name], wall[name], runs[name] = None, "skipped", 0.0, "this run"
+    report.earlier = list(earlier)
+    rows = summary_table(results, status=status, wall_times=wall, runs=runs, parameters=records)
     report.summary_md = write_summary_markdown(rows, report.out_dir / "summary.md", title=title)
     report.summary_csv = write_summary_csv(rows, report.out_dir / "summary.csv")
     return report
+
+
+def _record_of(run: NotebookRun) -> dict[str, Any] | None:
+    if run.output_dir is None or not run.ok:
+        return None
+    try:
+        return load_run_record(run.output_dir / RESULTS_FILENAME)
+    except (OSError, ValueError):
+        return None
 
 
 def _progress_bar(items: list[NotebookInfo], desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(items, desc=desc, unit="nb", disable=not enabled, dynamic_ncols=True)
+
+
+def _run_sequence(
+    report: RunReport,
+    notebooks: list[NotebookInfo],
+    plan: Mapping[str, tuple[Path, Path | None, dict[str, Any] | None, dict[str, Any]]],
+    desc: str,
+    title: str,
+    outputs: Mapping[str, tuple[Path, Path | None]],
+    *,
+    nb_dir: Path,
+    fail_fast: bool,
+    progress: bool,
+    kernel_name: str,
+    execution_timeout: int | None,
+    on_success=None,
+) -> RunReport:
+    """Execute ``notebooks`` in order per ``plan`` (name -> output, results folder, injected
+    parameters, run record), keeping the summary current after every notebook.
+
+    On SIGINT/SIGTERM the notebook in progress is recorded as "interrupted", the summary is
+    written, and :class:`RunInterrupted` propagates.
+    """
+    stop = False
+    current: tuple[NotebookInfo, float] | None = None
+    with signals_raise() as rearm:
+        try:
+            for info in _progress_bar(notebooks, desc, progress):
+                rearm()  # the previous notebook's event loop may have reset the handlers
+                output, nb_out, injected, record = plan[info.name]
+                if stop:
+                    report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "skipped", 0.0))
+                    continue
+                current = (info, time.perf_counter())
+                error = prepare_outputs(output, nb_out)
+                if error is None:
+                    report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "running", 0.0))
+                    _finish(report, title, outputs)  # the summary says "running", not an earlier "ok"
+                    report.runs.pop()
+                    wall, error = execute_notebook(info, output, parameters=injected, cwd=nb_dir,
+                                                   kernel_name=kernel_name, progress=progress,
+                                                   execution_timeout=execution_timeout)
+                    run = _collect(info, output, nb_out, wall, error, record)
+                else:
+                    run = NotebookRun(info.name, info.path, output, nb_out, "failed", 0.0, error=error)
+                if run.ok and on_success is not None:
+                    on_success(info, run)
+                report.runs.append(run)
+                current = None
+                _finish(report, title, outputs)
+                stop = fail_fast and not run.ok
+        except KeyboardInterrupt as exc:
+            rearm()
+            if current is not None:
+                info, t0 = current
+                output, nb_out = plan[info.name][:2]
+                report.runs = [r for r in report.runs if r.name != info.name]
+                report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "interrupted",
+                                               time.perf_counter() - t0,
+                                               error=CellError(ename="Interrupted", evalue="the run was interrupted")))
+            report.interrupted = True
+            _finish(report, title, outputs)
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted(signal.SIGINT) from exc
+    return report
 
 
 def run_notebooks(
@@ -290,30 +256,41 @@ def run_notebooks(
     For each notebook ``NN_topic`` (in order) papermill runs it with cwd = the notebooks
     folder, injecting ``profile``, ``output_dir = <out>/NN_topic`` and ``parameters``;
     the executed copy goes to ``<out>/NN_topic.ipynb`` and the notebook's own
-    ``save_results`` call writes ``<out>/NN_topic/results.json``. Finally
-    ``<out>/summary.md`` and ``<out>/summary.csv`` list every notebook's status, wall
-    time and key numbers.
+    ``save_results`` call writes ``<out>/NN_topic/results.json``, to which the runner adds
+    a ``"run"`` record (every parameter's value, with the seed, and which were
+    overridden). ``<out>/summary.md`` and ``<out>/summary.csv`` list every notebook's
+    status, wall time, parameters and key numbers; they are rewritten after every notebook.
+    A notebook's previous executed copy and results are removed when it starts.
+
+    Running a subset (``only``) into a folder that holds other notebooks' outputs keeps
+    them in the summary, marked ``run = "earlier run"`` with their own recorded parameters.
 
     Args:
         profile: one of ``"smoke"``, ``"default"``, ``"full"``.
         only: subset of notebooks (numbers or names, see :func:`discover_notebooks`).
         out: output folder; default ``outputs/<profile>`` next to the notebooks folder.
         parameters: extra papermill parameters for every notebook (e.g. ``{"seed": 1}``);
-            ``profile`` and ``output_dir`` are set by the runner and may not appear here.
+            each name must be a parameter of every selected notebook; ``profile`` and
+            ``output_dir`` are set by the runner and may not appear here.
         fail_fast: stop at the first failing notebook (the rest are marked "skipped").
         progress: show a tqdm bar over notebooks and papermill's per-cell bar.
         notebooks_dir: folder of the sequence; default :func:`default_notebooks_dir`.
         kernel_name: Jupyter kernel; ``"python3"`` is pinned to ``sys.executable``.
-        execution_timeout: per-cell timeout in seconds (None: no limit).
+        execution_timeout: per-cell timeout in seconds (None: no limit); fractions are
+            rounded up to whole seconds.
 
     Returns:
         A :class:`RunReport`; ``report.exit_code`` is nonzero when any notebook failed.
 
     Raises:
-        ValueError: unknown ``profile``, bad ``only``, reserved ``parameters`` names, or no
-            notebooks found.
+        ValueError: unknown ``profile``, bad ``only``, reserved or unknown ``parameters``
+            names, a bad ``execution_timeout``, an output folder that cannot be written,
+            or no notebooks found.
+        RunInterrupted: SIGINT/SIGTERM; the summary was written first (the notebook in
+            progress is "interrupted").
     """
     check_choice(profile, "profile", PROFILES)
+    execution_timeout = check_timeout(execution_timeout)
     if parameters is not None and not isinstance(parameters, Mapping):
         raise TypeError(f"parameters must be a mapping of name to value, got {type(parameters).__name__}")
     parameters = dict(parameters or {})
@@ -324,35 +301,22 @@ def run_notebooks(
     if bad:
         raise ValueError(f"parameters names must be Python identifiers, got {bad}")
     nb_dir = default_notebooks_dir() if notebooks_dir is None else Path(notebooks_dir).resolve()
+    sequence = discover_notebooks(nb_dir)
     notebooks = discover_notebooks(nb_dir, only)
     if not notebooks:
         raise ValueError(f"no NN_topic.ipynb notebooks found in {nb_dir}")
+    defaults = notebook_parameters(notebooks, parameters)
     out_dir = (nb_dir.parent / "outputs" / profile) if out is None else Path(out)
-    out_dir = out_dir.resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(out_dir.resolve())
+    outputs = {nb.name: (out_dir / f"{nb.name}.ipynb", out_dir / nb.name) for nb in sequence}
+    plan = {}
+    for info in notebooks:
+        injected = {"profile": profile, "output_dir": str(out_dir / info.name), **parameters}
+        plan[info.name] = (*outputs[info.name], injected, run_record(defaults[info.name], injected, list(parameters)))
     report = RunReport(profile=profile, out_dir=out_dir)
-    stop = False
-    bar = _progress_bar(notebooks, f"notebooks [{profile}]", progress)
-    for info in bar:
-        output, nb_out = out_dir / f"{info.name}.ipynb", out_dir / info.name
-        if stop:
-            report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "skipped", 0.0))
-            continue
-        bar.set_postfix_str(info.name)
-        (nb_out / RESULTS_FILENAME).unlink(missing_ok=True)  # never report a stale file
-        wall, error = _execute(
-            info,
-            output,
-            parameters={"profile": profile, "output_dir": str(nb_out), **parameters},
-            cwd=nb_dir,
-            kernel_name=kernel_name,
-            progress=progress,
-            execution_timeout=execution_timeout,
-        )
-        run = _collect(info, output, nb_out, wall, error)
-        report.runs.append(run)
-        stop = fail_fast and not run.ok
-    return _finish(report, f"fedlora-lite run, profile {profile}")
+    return _run_sequence(report, notebooks, plan, f"notebooks [{profile}]", f"fedlora-lite run, profile {profile}",
+                         outputs, nb_dir=nb_dir, fail_fast=fail_fast, progress=progress, kernel_name=kernel_name,
+                         execution_timeout=execution_timeout)
 
 
 def refresh_notebooks(
@@ -369,8 +333,8 @@ def refresh_notebooks(
 
     Each notebook is executed without injected parameters (so no extra cell appears),
     into ``<out>/NN_topic.ipynb``; only when it succeeds is the stripped result
-    (:func:`strip_notebook_metadata`) written back over the source. A failing notebook
-    leaves its source untouched and is reported like in :func:`run_notebooks`.
+    (:func:`strip_notebook_metadata`) written back over the source (atomically). A failing
+    notebook leaves its source untouched and is reported like in :func:`run_notebooks`.
 
     Args:
         only: subset of notebooks (numbers or names).
@@ -380,9 +344,13 @@ def refresh_notebooks(
 
     Raises:
         ValueError: a selected notebook's parameters cell is missing, duplicated or does
-            not say ``profile = "default"`` (committed outputs must show the default run).
+            not say ``profile = "default"`` (committed outputs must show the default run),
+            or a bad ``out`` / ``execution_timeout``.
+        RunInterrupted: as in :func:`run_notebooks`.
     """
+    execution_timeout = check_timeout(execution_timeout)
     nb_dir = default_notebooks_dir() if notebooks_dir is None else Path(notebooks_dir).resolve()
+    sequence = discover_notebooks(nb_dir)
     notebooks = discover_notebooks(nb_dir, only)
     if not notebooks:
         raise ValueError(f"no NN_topic.ipynb notebooks found in {nb_dir}")
@@ -391,32 +359,23 @@ def refresh_notebooks(
         params[info.name] = parameters_cell(nbformat.read(info.path, as_version=4), info.name)
         if params[info.name].get("profile") != "default":
             raise ValueError(f"{info.name}: the parameters cell must say profile = \"default\" before a refresh")
-    out_dir = ((nb_dir.parent / "outputs" / "refresh") if out is None else Path(out)).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = check_out_dir(((nb_dir.parent / "outputs" / "refresh") if out is None else Path(out)).resolve())
+    outputs, plan = {}, {}
+    for info in sequence:
+        try:
+            od = params[info.name].get("output_dir") if info.name in params else \
+                parameters_cell(nbformat.read(info.path, as_version=4), info.name).get("output_dir")
+        except Exception:  # noqa: BLE001 - a broken notebook that is not refreshed now has no outputs to list
+            od = None
+        outputs[info.name] = (out_dir / f"{info.name}.ipynb", (nb_dir / od).resolve() if isinstance(od, str) else None)
+    for info in notebooks:
+        plan[info.name] = (*outputs[info.name], None, run_record(params[info.name], {}, []))
+
+    def write_back(info: NotebookInfo, run: NotebookRun) -> None:
+        stripped = strip_notebook_metadata(nbformat.read(run.output, as_version=4))
+        atomic_write_text(info.path, nbformat.writes(stripped) + "\n")
+
     report = RunReport(profile="default", out_dir=out_dir)
-    stop = False
-    for info in _progress_bar(notebooks, "refresh", progress):
-        output = out_dir / f"{info.name}.ipynb"
-        od = params[info.name].get("output_dir")
-        nb_out = (nb_dir / od).resolve() if isinstance(od, str) else None
-        if stop:
-            report.runs.append(NotebookRun(info.name, info.path, output, nb_out, "skipped", 0.0))
-            continue
-        if nb_out is not None:
-            (nb_out / RESULTS_FILENAME).unlink(missing_ok=True)
-        wall, error = _execute(
-            info,
-            output,
-            parameters=None,
-            cwd=nb_dir,
-            kernel_name=kernel_name,
-            progress=progress,
-            execution_timeout=execution_timeout,
-        )
-        run = _collect(info, output, nb_out, wall, error)
-        if run.ok:
-            stripped = strip_notebook_metadata(nbformat.read(output, as_version=4))
-            nbformat.write(stripped, info.path)
-        report.runs.append(run)
-        stop = fail_fast and not run.ok
-    return _finish(report, "fedlora-lite refresh (default profile)")
+    return _run_sequence(report, notebooks, plan, "refresh", "fedlora-lite refresh (default profile)", outputs,
+                         nb_dir=nb_dir, fail_fast=fail_fast, progress=progress, kernel_name=kernel_name,
+                         execution_timeout=execution_timeout, on_success=write_back)

@@ -73,7 +73,10 @@ def _fedavg(M: torch.Tensor, benign: torch.Tensor | None, *, weights: Any = None
     K = M.shape[0]
     if weights is None:
         return AggregationResult("fedavg", _broadcast(M.mean(dim=0), K))
-    w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).to(device=M.device, dtype=M.dtype)
+    try:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64)).to(device=M.device, dtype=M.dtype)
+    except (TypeError, ValueError) as exc:  # strings, objects, ragged lists
+        raise TypeError(f"weights must be {K} real numbers, got {weights!r:.80}") from exc
     if w.shape != (K,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or float(w.sum()) <= 0:
         raise ValueError(f"weights must be {K} finite non-negative numbers with a positive sum")
     center = torch.einsum("k,kdp->dp", w / w.sum(), M)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..core.runtime import make_generator
+from ..core.runtime import make_generator, resolve_device
 from ..core.validation import as_matrix, check_positive
 from .synthetic import (
     UpdateFederation,
@@ -82,6 +82,7 @@ def make_regression_federation(
     Returns:
         A :class:`RegressionFederation`.
     """
+    device = None if device is None else resolve_device(device)  # a clear error before any drawing
     K = _check_int(num_clients, "num_clients", 3)
     n = _per_client(samples, "samples", K, lambda v, nm: _check_int(v, nm, 1))
     sigma = _per_client(noise, "noise", K, lambda v, nm: check_positive(v, nm, allow_zero=True))

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ..core.runtime import make_generator
+from ..core.runtime import make_generator, resolve_device
 from ..core.validation import check_choice, check_fraction, check_positive
 
 __all__ = ["CONTAMINATION_KINDS", "UpdateFederation", "make_update_federation"]
@@ -223,6 +223,7 @@ def make_update_federation(
     Returns:
         An :class:`UpdateFederation`.
     """
+    device = None if device is None else resolve_device(device)  # a clear error before any drawing
     K = _check_int(num_clients, "num_clients", 3)
     d = _check_int(dim, "dim", 2)
     p = _check_int(outputs, "outputs", 1)

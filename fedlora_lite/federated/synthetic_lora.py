@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core.reduction import Pair
+from ..core.runtime import resolve_device
 from ..core.validation import check_fraction
 
 __all__ = ["SyntheticLora", "random_lora_factors"]
@@ -61,6 +62,7 @@ def random_lora_factors(
     Returns:
         A :class:`SyntheticLora`.
     """
+    device = resolve_device(device)  # a clear error before any drawing
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     ranks = [int(rank)] * num_clients if isinstance(rank, int) else [int(r) for r in rank]
     if len(ranks) != num_clients or min(ranks) < shared_rank or shared_rank < 1:

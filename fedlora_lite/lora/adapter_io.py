@@ -4,7 +4,11 @@ An adapter on disk uses peft's layout: ``adapter_config.json`` (a peft ``LoraCon
 and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight``
 (r, in) and ``...lora_B.weight`` (out, r). Adapters may come from untrusted clients, so
 
-* only ``.safetensors`` is read — pickle-based ``adapter_model.bin`` is refused;
+* only ``.safetensors`` is read — pickle-based ``adapter_model.bin`` is refused; the files
+  themselves are read defensively (regular files inside the folder, size caps, strict
+  config types, the safetensors header checked before decoding:
+  :mod:`fedlora_lite.lora.adapter_files`), and ranks and shapes are checked against the
+  tensors and the base model before anything is allocated;
 * :func:`check_adapter` compares module names, ranks and shapes with a reference and
   rejects NaN/Inf, raising :class:`AdapterError` (a ``ValueError``) that names the
   adapter (e.g. ``"client 3"``) and the module. Whether a bad client is excluded or the
@@ -16,7 +20,7 @@ Directories written by :func:`save_adapter` also load with
 
 from __future__ import annotations
 
-import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -26,6 +30,14 @@ import torch
 from peft import PeftModel
 
 from ..core.validation import check_choice
+from .adapter_files import (
+    DEFAULT_MAX_WEIGHTS_BYTES,
+    MAX_CONFIG_BYTES,
+    AdapterError,
+    parse_lora_config,
+    read_member,
+    safetensors_header,
+)
 from .factors import LoraAdapter, LoraFactors
 from .peft_bridge import _lora_layers, attach_lora, extract_adapter, lora_factors
 
@@ -34,10 +46,14 @@ __all__ = ["AdapterError", "check_adapter", "screen_adapters", "load_lora_factor
 
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight$")
 _CONFIG_FILE, _WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
-class AdapterError(ValueError):
-    """A LoRA adapter does not match the expected modules/ranks/shapes or is not finite."""
+class _Shape:
+    """A stand-in tensor with a shape only: lets the key checks run on a safetensors header."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape, self.ndim = shape, len(shape)
 
 
 def _as_factor_pairs(state: Any, name: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -55,7 +71,7 @@ def _as_factor_pairs(state: Any, name: str) -> dict[str, dict[str, torch.Tensor]
         m = _KEY_RE.match(key)
         if m is None:
             raise AdapterError(f"{name}: unexpected key {key!r} (only lora_A/lora_B weights are accepted)")
-        if not isinstance(val, torch.Tensor):
+        if not isinstance(val, (torch.Tensor, _Shape)):
             raise AdapterError(f"{name}: value of {key!r} is a {type(val).__name__}, not a tensor")
         slot = pairs.setdefault(m["mod"], {})
         if m["ab"] in slot:
@@ -161,49 +177,84 @@ def save_adapter(adapter: PeftModel | LoraAdapter, path: str | Path, adapter_nam
     return path
 
 
-def read_adapter(path: str | Path, *, name: str | None = None) -> LoraAdapter:
+def read_adapter(path: str | Path, *, name: str | None = None, max_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES) -> LoraAdapter:
     """Read an adapter directory written by :func:`save_adapter` (or peft), without a model.
 
-    Only ``adapter_model.safetensors`` is accepted — pickle-based ``.bin`` files are
-    refused, because adapters may come from untrusted clients. The result is checked for
-    internal consistency (every module has A and B of one rank ``r``, finite values);
-    checking against a reference model is :func:`check_adapter`'s job.
+    The folder is client data (:mod:`fedlora_lite.lora.adapter_files`): both files must be
+    regular files inside it (links leaving it, FIFOs and devices are refused), the config at
+    most 1 MiB and strictly typed, the weights at most ``max_bytes``. Only
+    ``adapter_model.safetensors`` is accepted — pickle-based ``.bin`` files are refused.
+    The safetensors header is checked before any tensor is decoded: 2-D floating-point
+    ``lora_A`` (r, in) / ``lora_B`` (out, r) pairs with the config's ``r`` and
+    ``in, out >= 1``. Then the values must be finite, and ``scaling * r * max|B| * max|A|``
+    must stay below float32's largest value, so ΔW = scaling·B·A cannot overflow. Checking
+    against a reference model is :func:`check_adapter`'s (or :func:`load_adapter`'s) job.
+
+    Args:
+        path: the adapter folder.
+        name: label for error messages (default: the path), e.g. ``"client 3"``.
+        max_bytes: largest weights file accepted (default 4 GiB).
+
+    Raises:
+        FileNotFoundError: no such folder, or no weights file in it.
+        AdapterError: anything wrong with the files or their content (a ``ValueError``).
     """
-    from safetensors import safe_open
+    from safetensors.torch import load as load_safetensors
 
     path = Path(path)
     label = name or str(path)
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1:
+        raise ValueError(f"max_bytes must be a positive int, got {max_bytes!r}")
     if not path.is_dir():
         raise FileNotFoundError(f"{label}: adapter directory {path} not found")
-    weights = path / _WEIGHTS_FILE
-    if not weights.is_file():
-        if (path / "adapter_model.bin").exists():
-            raise AdapterError(f"{label}: only safetensors adapters are accepted; refusing pickle file adapter_model.bin")
-        raise FileNotFoundError(f"{label}: {weights} not found")
+    if not os.path.lexists(path / _WEIGHTS_FILE) and os.path.lexists(path / "adapter_model.bin"):
+        raise AdapterError(f"{label}: only safetensors adapters are accepted; refusing pickle file adapter_model.bin")
     try:
-        cfg = json.loads((path / _CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        cfg = parse_lora_config(read_member(path, _CONFIG_FILE, MAX_CONFIG_BYTES, label), label, _CONFIG_FILE)
+    except FileNotFoundError as exc:
         raise AdapterError(f"{label}: cannot read {_CONFIG_FILE}: {exc}") from exc
-    if cfg.get("peft_type") != "LORA":
-        raise AdapterError(f"{label}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise AdapterError(f"{label}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
-    bad_r = isinstance(r, bool) or not isinstance(r, int) or r <= 0
-    if bad_r or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < float("inf"):
-        raise AdapterError(f"{label}: invalid r={r!r} / lora_alpha={alpha!r} in {_CONFIG_FILE}")
+    data = read_member(path, _WEIGHTS_FILE, max_bytes, label)
+    header = safetensors_header(data, label, _WEIGHTS_FILE)
+    shapes = {k: tuple(e["shape"]) for k, e in header.items()}
+    pairs = _as_factor_pairs({k: _Shape(s) for k, s in shapes.items()}, label)  # key checks before decoding
+    if not pairs:
+        raise AdapterError(f"{label}: {_WEIGHTS_FILE} holds no LoRA weights")
+    for mod, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(f"{label}: module {mod!r} lacks lora_{'A' if 'A' not in ab else 'B'}")
+        (ra, n_in), (n_out, rb) = ab["A"].shape, ab["B"].shape
+        if ra != cfg.r or rb != cfg.r:
+            raise AdapterError(f"{label}: module {mod!r} has factors A{(ra, n_in)}, B{(n_out, rb)}; "
+                               f"expected rank r={cfg.r} from {_CONFIG_FILE}")
+        if n_in == 0 or n_out == 0:
+            raise AdapterError(f"{label}: module {mod!r} has empty factors A{(ra, n_in)}, B{(n_out, rb)}")
     try:
-        with safe_open(str(weights), framework="pt") as fh:
-            state = {k: fh.get_tensor(k) for k in fh.keys()}
+        state = load_safetensors(data)
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise AdapterError(f"{label}: {weights.name} is not a readable safetensors file ({exc})") from exc
-    pairs = _as_factor_pairs(state, label)
-    check_adapter(state, sorted(pairs), r, name=label)
-    fifo = bool(cfg.get("fan_in_fan_out", False))
-    factors = {
-        n: LoraFactors(A=ab["A"], B=ab["B"], scaling=float(alpha) / r, fan_in_fan_out=fifo) for n, ab in sorted(pairs.items())
-    }
-    return LoraAdapter(factors, r, float(alpha))
+        raise AdapterError(f"{label}: {_WEIGHTS_FILE} is not a readable safetensors file ({exc})") from exc
+    del data
+    if {k: tuple(v.shape) for k, v in state.items()} != shapes:
+        raise AdapterError(f"{label}: {_WEIGHTS_FILE} decodes to other tensors than its header lists")
+    check_adapter(state, sorted(pairs), cfg.r, name=label)
+    scaling = cfg.lora_alpha / cfg.r
+    factors = {}
+    for n, ab in sorted(_as_factor_pairs(state, label).items()):
+        bound = scaling * cfg.r * float(ab["B"].abs().max()) * float(ab["A"].abs().max())
+        if not bound < _FLOAT32_MAX:
+            raise AdapterError(f"{label}: module {n!r}: scaling*r*max|B|*max|A| = {bound:.3g} would overflow ΔW in float32")
+        factors[n] = LoraFactors(A=ab["A"], B=ab["B"], scaling=scaling, fan_in_fan_out=cfg.fan_in_fan_out)
+    return LoraAdapter(factors, cfg.r, cfg.lora_alpha)
+
+
+def _module_shape(module: torch.nn.Module) -> tuple[int, int] | None:
+    """(out_features, in_features) of an nn.Linear or Conv1D, else None."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return int(module.out_features), int(module.in_features)
+    if isinstance(module, Conv1D):
+        return int(module.weight.shape[1]), int(module.weight.shape[0])  # Conv1D stores (in, out)
+    return None
 
 
 def load_adapter(
@@ -212,28 +263,43 @@ def load_adapter(
     *,
     name: str | None = None,
     copy_model: bool = True,
+    max_bytes: int = DEFAULT_MAX_WEIGHTS_BYTES,
 ) -> PeftModel:
     """Attach a saved adapter to a base model: read (safetensors only), validate, load.
+
+    Every module, rank and shape is checked against ``base_model`` *before* LoRA layers are
+    attached (attaching allocates ``r x (in + out)`` per module): the modules must exist and
+    be ``nn.Linear`` / ``Conv1D``, the factors must map the module's in -> out features, and
+    ``r <= min(in, out)`` (a larger rank cannot raise the rank of ΔW; it only costs memory).
 
     Args:
         base_model: the plain base model the adapter was trained on.
         path: directory from :func:`save_adapter`.
         name: label for error messages (default: the path).
         copy_model: deep-copy the base first (default; peft modifies it in place).
+        max_bytes: largest weights file accepted (see :func:`read_adapter`).
 
     Returns:
         A :class:`peft.PeftModel` computing exactly the saved adapter.
 
     Raises:
-        AdapterError: the adapter's modules/ranks/shapes don't fit ``base_model`` or its
-            weights are not finite.
+        AdapterError: the adapter's files are unsafe, or its modules/ranks/shapes don't fit
+            ``base_model``, or its weights are not finite.
     """
-    adapter = read_adapter(path, name=name)
+    adapter = read_adapter(path, name=name, max_bytes=max_bytes)
     label = name or str(path)
     modules = dict(base_model.named_modules())
     unknown = [n for n in adapter.module_names if n not in modules]
     if unknown:
         raise AdapterError(f"{label}: modules {unknown} do not exist in the base model")
+    shapes = {}
+    for n in adapter.module_names:
+        shapes[n] = _module_shape(modules[n])
+        if shapes[n] is None:
+            raise AdapterError(f"{label}: module {n!r} is a {type(modules[n]).__name__}, not nn.Linear/Conv1D")
+        if adapter.r > min(shapes[n]):
+            raise AdapterError(f"{label}: rank r={adapter.r} exceeds min(out, in) = {min(shapes[n])} of module {n!r}")
+    check_adapter(adapter, adapter.module_names, adapter.r, reference_shapes=shapes, name=label)
     pm = attach_lora(base_model, list(adapter.module_names), r=adapter.r, alpha=adapter.alpha, copy_model=copy_model, seed=0)
     load_lora_factors(pm, adapter, name=label)
     return pm

@@ -11,9 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..core.validation import check_choice
+from ..core.validation import check_choice, check_positive
 
 __all__ = ["LoraFactors", "LoraAdapter", "stack_deltas"]
 
@@ -36,6 +37,14 @@ class LoraFactors:
     B: torch.Tensor
     scaling: float
     fan_in_fan_out: bool = False
+
+    def __post_init__(self) -> None:
+        # the scaling multiplies every update built from these factors: NaN, 0 or a negative
+        # value would pass silently into ΔW and into CLAIR's factored path
+        self.scaling = check_positive(self.scaling, "LoraFactors.scaling")
+        if not isinstance(self.fan_in_fan_out, (bool, np.bool_)):
+            raise TypeError(f"LoraFactors.fan_in_fan_out must be a bool, got {type(self.fan_in_fan_out).__name__}")
+        self.fan_in_fan_out = bool(self.fan_in_fan_out)
 
     @property
     def rank(self) -> int:

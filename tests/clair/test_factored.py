@@ -108,7 +108,7 @@ def test_refined_factor_structure_and_ranks():
         assert B.shape == factors[k][0].shape and A.shape == factors[k][1].shape  # LoRA shapes kept
     assert res.refined_updates is None and len(res.refined_factors) == len(factors)
     assert res.refined_factors[-1][0].shape == res.refined_factors[len(factors) - 1][0].shape
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match=f"client index {len(factors)} out of range"):
         res.refined_factors[len(factors)]
 
 

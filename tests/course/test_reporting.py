@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -12,13 +13,15 @@ import torch
 
 from fedlora_lite.course.reporting import (
     ProfileConfig,
+    atomic_write_text,
     load_results,
+    load_run_record,
+    load_timings,
+    record_run,
     save_results,
     select_profile,
-    summary_table,
-    write_summary_csv,
-    write_summary_markdown,
 )
+from fedlora_lite.course.summary import summary_table, write_summary_csv, write_summary_markdown
 
 TABLE = {
     "smoke": {"n_clients": 6, "steps": 10},
@@ -34,7 +37,7 @@ def test_select_profile_picks_and_overrides():
     assert cfg.as_dict() == {"profile": "default", "n_clients": 20, "steps": 50}
     assert repr(cfg) == "ProfileConfig(profile='default', n_clients=20, steps=50)"
     assert select_profile("smoke", TABLE).n_clients == 6
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="ProfileConfig is read-only"):
         cfg.steps = 3
     assert TABLE["default"]["steps"] == 200  # the table itself is untouched
 
@@ -138,3 +141,45 @@ def test_summary_table_flattens_and_keeps_failed_notebooks(tmp_path):
     assert byk[("01_theory", "")]["status"] == "failed"
     with pytest.raises(TypeError, match="results_by_notebook"):
         summary_table([("a", {})])
+
+
+def test_timings_go_to_their_own_file_and_results_stay_byte_identical(tmp_path):
+    save_results({"speedup_at_least_10x": True}, tmp_path / "a", notebook="07_x", timings={"dense_s": 1.23})
+    save_results({"speedup_at_least_10x": True}, tmp_path / "b", notebook="07_x", timings={"dense_s": 4.56})
+    assert (tmp_path / "a" / "results.json").read_bytes() == (tmp_path / "b" / "results.json").read_bytes()
+    assert load_timings(tmp_path / "b") == {"dense_s": 4.56}
+    assert "dense_s" not in (tmp_path / "a" / "results.json").read_text()
+    with pytest.raises(TypeError, match="timings must be a mapping"):
+        save_results({"a": 1}, tmp_path, notebook="x", timings=[1.0])
+    with pytest.raises(ValueError, match=r"timings\.t is nan"):
+        save_results({"a": 1}, tmp_path, notebook="x", timings={"t": float("nan")})
+
+
+def test_record_run_adds_a_run_record_next_to_the_results(tmp_path):
+    path = save_results({"a": 1}, tmp_path, notebook="x")
+    assert load_run_record(path) is None
+    record_run(path, {"parameters": {"seed": 3, "sizes": (1, 2)}, "overrides": ["seed"]})
+    assert load_run_record(tmp_path) == {"parameters": {"seed": 3, "sizes": [1, 2]}, "overrides": ["seed"]}
+    assert load_results(path) == {"a": 1}
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    atomic_write_text(path, "old\n")
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~_current_umask()  # an ordinary file's mode, not mkstemp's 0600
+
+    def broken_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_text(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temporary file left
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import nbformat
 import pytest
 
 from fedlora_lite.course import cli
 from fedlora_lite.course.notebooks import discover_notebooks, strip_notebook_metadata
+from fedlora_lite.course.run_control import check_timeout
 from fedlora_lite.course.runner import pinned_python_kernel, refresh_notebooks, run_notebooks
+from tests.conftest import SAVE_CELL
 
 
 def test_discover_orders_filters_and_reads_titles(make_notebook, tmp_path):
@@ -202,3 +209,160 @@ def test_cli_run_list_and_exit_codes(make_notebook, tmp_path, capsys):
 )
 def test_parse_value(text, expected):
     assert cli.parse_value(text) == expected
+
+
+# --- usage errors, notebook-level problems, atomic files, interrupts (issue 9), --only and -p (issue 12) ------
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _unwritable(tmp_path):
+    """A folder this process cannot create (root ignores permission bits, but not /sys)."""
+    if os.path.isdir("/sys") and os.geteuid() == 0:
+        return "/sys/fedlora-lite-test-out"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return str(locked / "out")
+
+
+def test_bad_out_folders_are_usage_errors_with_one_line(make_notebook, tmp_path, capsys):
+    make_notebook("00_ok")
+    root = str(tmp_path / "notebooks")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    summary_dir = tmp_path / "taken"
+    (summary_dir / "summary.md").mkdir(parents=True)
+    cases = {
+        str(a_file): "exists and is not a folder",
+        str(a_file / "sub"): "cannot create the folder",
+        _unwritable(tmp_path): "cannot",
+        str(summary_dir): "summary.md is a folder",
+    }
+    for out, message in cases.items():
+        assert cli.main(["run", "--notebooks", root, "--out", out, "--no-progress"]) == 2, out
+        line = _one_line_error(capsys)
+        assert line.startswith("fedlora-lite: error: out: ") and message in line, line
+    assert not list(summary_dir.glob("*.ipynb"))  # nothing ran
+
+
+def test_timeout_is_validated_and_fractions_are_rounded_up(make_notebook, tmp_path, capsys):
+    make_notebook("00_slow", ["import time\ntime.sleep(4)"])
+    root = str(tmp_path / "notebooks")
+    for bad in ("-5", "0", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["run", "--notebooks", root, "--timeout", bad])
+        assert exc.value.code == 2
+        assert "--timeout" in _one_line_error(capsys)
+    assert check_timeout(30.5) == 31 and check_timeout(2) == 2 and check_timeout(None) is None
+    with pytest.raises(TypeError, match="execution_timeout must be a number"):
+        run_notebooks("smoke", notebooks_dir=root, execution_timeout=True)
+    with pytest.raises(ValueError, match="execution_timeout must be a positive number"):
+        run_notebooks("smoke", notebooks_dir=root, execution_timeout=-5)
+    # 1.5 s reaches nbclient as 2 s (an int trait): the 4 s cell times out instead of a traitlets error
+    assert cli.main(["run", "--notebooks", root, "--out", str(tmp_path / "o"), "--no-progress", "--timeout", "1.5"]) == 1
+    err = capsys.readouterr().err
+    assert "Timeout" in err and "2 seconds" in err and "TraitError" not in err, err
+
+
+def test_mistyped_parameter_is_an_error_listing_the_parameters(make_notebook, tmp_path, capsys):
+    make_notebook("00_ok")
+    make_notebook("01_other", ["seed = 3"])
+    out = tmp_path / "o"
+    code = cli.main(["run", "--notebooks", str(tmp_path / "notebooks"), "--out", str(out), "-p", "sede", "1"])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "unknown parameter name" in line and "00_ok has no parameter sede" in line
+    assert "its parameters: seed, device, profile, output_dir, scale" in line
+    assert not out.exists() or not list(out.iterdir())  # checked before anything ran
+
+
+def test_notebook_level_output_problems_fail_that_notebook_and_keep_the_summary(make_notebook, tmp_path):
+    for name in ("00_ok", "01_ok", "02_ok"):
+        make_notebook(name)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "00_ok").write_text("a file where the notebook's output folder goes")
+    (out / "01_ok.ipynb").mkdir()  # a folder where the executed copy goes
+    report = run_notebooks("smoke", out=out, progress=False, notebooks_dir=tmp_path / "notebooks")
+    assert [r.status for r in report.runs] == ["failed", "failed", "ok"]
+    assert report.runs[0].error.ename == "OutputError" and "00_ok" in report.runs[0].error.evalue
+    assert report.runs[1].error.ename == "OutputError" and "executed copy" in report.runs[1].error.evalue
+    md = report.summary_md.read_text()
+    assert "| 00_ok | failed |" in md and "| 01_ok | failed |" in md and "| 02_ok | ok |" in md
+    assert not list(out.glob(".*partial*")) and not list(out.glob(".*.tmp"))
+
+
+def test_only_run_keeps_earlier_notebooks_in_the_summary_with_their_parameters(make_notebook, tmp_path):
+    for name in ("00_a", "01_b", "02_c"):
+        make_notebook(name)
+    root, out = tmp_path / "notebooks", tmp_path / "o"
+    first = run_notebooks("smoke", out=out, parameters={"seed": 4}, progress=False, notebooks_dir=root)
+    assert first.ok and first.earlier == []
+    payload = json.loads((out / "00_a" / "results.json").read_text())
+    assert payload["run"] == {"parameters": {"device": "auto", "profile": "smoke", "scale": 1, "seed": 4},
+                              "overrides": ["seed"]}
+    assert payload["results"]["nested"] == {"seed": 4}
+    (out / "02_c.ipynb").unlink()  # an earlier notebook whose files are gone is not described
+    shutil.rmtree(out / "02_c")
+
+    second = run_notebooks("smoke", only=["01"], out=out, parameters={"scale": 3}, progress=False, notebooks_dir=root)
+    assert [r.name for r in second.runs] == ["01_b"] and second.earlier == ["00_a"]
+    with second.summary_csv.open() as fh:
+        rows = {(r["notebook"], r["key"]): r for r in csv.DictReader(fh)}
+    assert {n for n, _ in rows} == {"00_a", "01_b"}
+    assert rows[("00_a", "value")]["run"] == "earlier run" and rows[("01_b", "value")]["run"] == "this run"
+    assert json.loads(rows[("00_a", "value")]["parameters"])["parameters"]["seed"] == 4
+    recorded = json.loads(rows[("01_b", "value")]["parameters"])
+    assert recorded["overrides"] == ["scale"] and recorded["parameters"]["scale"] == 3
+    assert rows[("01_b", "value")]["value"] == "3.0" and rows[("00_a", "value")]["value"] == "1.0"
+    md = second.summary_md.read_text()
+    assert "| 00_a | ok | " in md and "| earlier run | seed=4 (override) |" in md
+    assert "| this run | seed=0, scale=3 (override) |" in md and "02_c" not in md
+
+
+INTERRUPT_CHILD = """
+import sys
+from fedlora_lite.course import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _run_and_signal(root, out, tmpdir, sig) -> subprocess.CompletedProcess:
+    """Run the CLI in a child (its own TMPDIR), send ``sig`` once the first notebook executes."""
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    args = [sys.executable, "-c", INTERRUPT_CHILD, "run", "--notebooks", str(root), "--out", str(out),
+            "--no-progress", "-p", "scale", "60"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while not (out / ".00_slow.partial.ipynb").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the kernel is in the sleeping cell now
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+
+def test_interrupt_writes_an_honest_summary_cleans_up_and_exits_with_one_line(make_notebook, tmp_path):
+    make_notebook("00_slow", ["import time\ntime.sleep(scale)", SAVE_CELL.format(name="00_slow")])
+    make_notebook("01_ok")
+    root, out = tmp_path / "notebooks", tmp_path / "o"
+    assert run_notebooks("smoke", out=out, parameters={"scale": 0}, progress=False, notebooks_dir=root).ok
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):  # Ctrl-C, then kill, of a re-run
+        tmpdir = tmp_path / f"tmp_{code}"
+        tmpdir.mkdir()
+        done = _run_and_signal(root, out, tmpdir, sig)
+        assert done.returncode == code, done.stderr
+        assert done.stderr.strip().splitlines() == ["fedlora-lite: interrupted"], done.stderr
+        assert not list(tmpdir.iterdir())  # the temporary kernelspec folder is gone
+        assert not (out / "00_slow.ipynb").exists() and not (out / "00_slow" / "results.json").exists()
+        assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no partial or temporary files
+        md = (out / "summary.md").read_text()
+        assert "| 00_slow | interrupted |" in md and "| this run |" in md, md
+        assert "| 01_ok | ok |" in md and "| earlier run | seed=0, scale=0 (override) |" in md, md

@@ -137,7 +137,8 @@ def test_geometric_median_of_collinear_points_is_the_middle_one():
 def test_geometric_median_option_validation():
     M = _cluster()
     for opts in ({"eps": 0.0}, {"tol": -1.0}, {"max_iter": 0}):
-        with pytest.raises(ValueError):
+        (name,) = opts
+        with pytest.raises(ValueError, match=f"{name} must be"):
             aggregate("geometric_median", M, **opts)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +59,14 @@ class LocalAdapters:
     trained: int = 0
     loaded: int = 0
     cache_dir: Path | None = None
+
+
+def _discard(path: Path) -> None:
+    """Remove a corrupt cache entry (a folder, or whatever sits at its name)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _cache_key(payload: Mapping[str, Any]) -> str:
@@ -125,7 +135,7 @@ def train_local_adapters(
             out.excluded[k] = "no training data"
             continue
         path = cache / f"client_{k:03d}" if cache is not None else None
-        if path is not None and (path / "adapter_model.safetensors").is_file():
+        if path is not None and os.path.lexists(path):
             try:
                 adapter = read_adapter(path, name=f"client {k}")
                 check_adapter(adapter, names, cfg.rank, reference_shapes=shapes, name=f"client {k}")
@@ -134,6 +144,7 @@ def train_local_adapters(
                 continue
             except (AdapterError, OSError, ValueError) as exc:  # a corrupt cache entry is retrained
                 warnings.warn(f"ignoring cached adapter of client {k}: {exc}", RuntimeWarning, stacklevel=2)
+                _discard(path)  # never write into a broken entry (it may hold a FIFO or a dangling link)
         load_lora_factors(model, init)
         gen = make_generator(seed * 100_003 + k)
         try:

@@ -23,6 +23,7 @@ Metrics:
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -178,6 +179,19 @@ def token_accuracy(model: torch.nn.Module, batch: SequenceBatch, *, reduction: s
     return (correct.sum(1).double() / valid.sum(1).clamp_min(1).double()).cpu()
 
 
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The name of the key/value-cache argument (and output) of ``model.forward``.
+
+    transformers 5.x renamed ``past_key_values`` to ``cache`` (the old name is deprecated,
+    with a warning, and scheduled for removal); older releases only know
+    ``past_key_values``. Read it from the signature of the underlying model's ``forward``
+    (a peft model forwards ``**kwargs``) instead of pinning one transformers generation.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(type(base).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 @torch.no_grad()
 def greedy_decode(
     model: torch.nn.Module,
@@ -194,7 +208,7 @@ def greedy_decode(
 
     Args:
         model: a Hugging Face causal LM (plain or peft); decoding uses its key/value cache
-            (``past_key_values``), so each step feeds one new token.
+            (``cache``, ``past_key_values`` before transformers 5), so each step feeds one new token.
         tokenizer: the character tokenizer.
         sources: N source strings.
         max_new_tokens: generation budget, one int for all or one per source; default
@@ -219,6 +233,7 @@ def greedy_decode(
     was_training = model.training
     model.eval()
     device = _model_device(model)
+    cache_kw = _cache_keyword(model)
     outputs: list[str] = [""] * len(sources)
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -232,8 +247,8 @@ def greedy_decode(
             step_input, past = seq, None
             for _ in range(steps):
                 # key/value cache: each step feeds only the newest token
-                out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                out = model(input_ids=step_input, use_cache=True, **{cache_kw: past})
+                past = getattr(out, cache_kw)
                 nxt = out.logits[:, -1].argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, tokenizer.eos_id), nxt)
                 seq = torch.cat([seq, nxt[:, None]], dim=1)
