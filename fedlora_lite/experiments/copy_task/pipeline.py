@@ -243,7 +243,7 @@ def _evaluate(fed: Federation, pool: FederatedCopyTask, outputs: Mapping[str, Me
         for m, acc in zip(labels, accs):
             em = None
             if is_head and cfg.exact_match_size > 0 and m in cfg.exact_match_methods:
-                evaluator.load(picks[m])
+                evaluator.load(cand[m])
                 em = evaluator.exact_match(pool.clients[i].eval[: cfg.exact_match_size])
             choice = outputs[m].labels[chosen[m]] if m in outputs else "refactored"
             records.append({"seed": fed.seed, "contamination": fed.fraction, "method": m, "client": i,

@@ -48,9 +48,11 @@ def base():
 
 def _tiny(tmp_path, **overrides) -> ExperimentConfig:
     task = CopyTaskConfig(num_clients=6, contamination=0.34, letters=LETTERS, num_shared=4, focus_size=4,
-                          focus_mass=0.3, train_size=(3, 4), eval_size=6, length=(6, 10))
+                          focus_mass=0.3, train_size=(3, 4), eval_size=6, val_size=2, length=(6, 10))
     kw = dict(task=task, local=LocalTrainingConfig(steps=4), seeds=(0,), sweep=(), exact_match_size=2,
-              methods=("local", "fedavg", "oracle_fedavg", "median", "krum", "clair"), refactor_rank=2,
+              exact_match_methods=("local", "fedavg", "oracle_fedavg", "median", "krum", "clair"),
+              methods=("local", "fedavg", "oracle_fedavg", "median", "krum", "trimmed_mean", "detect_average", "clair"),
+              refactor_rank=2,
               output_dir=str(tmp_path), device="cpu", progress=False)
     kw.update(overrides)
     return ExperimentConfig(**kw)
@@ -67,8 +69,15 @@ def test_tiny_pipeline_runs_end_to_end_and_second_run_hits_the_cache(tmp_path):
     assert len(benign_clients) == 4
     for r in res.records:
         assert r["kind"] == "benign" and 0.0 <= r["token_accuracy"] <= 1.0
-        assert r["exact_match"] is not None and 0.0 <= r["exact_match"] <= 1.0
-    assert len(res.detection) == 1 and set(res.detection[0]) >= {"precision", "recall", "scores", "flagged"}
+        if r["method"] in cfg.exact_match_methods + ("base",):
+            assert r["exact_match"] is not None and 0.0 <= r["exact_match"] <= 1.0
+        else:
+            assert r["exact_match"] is None
+    clair_det = [d for d in res.detection if d["method"] == "clair"]
+    assert len(clair_det) == 1 and set(clair_det[0]) >= {"precision", "recall", "scores", "flagged", "residual_ratio"}
+    # tuned methods: each client kept one of at most TUNING_BUDGET candidates, recorded in "choice"
+    assert set(res.choices("clair")) <= {f"({a:g}, {b:g})" for a in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)}
+    assert sum(res.choices("trimmed_mean").values()) == 4 and res.paired("clair", "local").shape == (1,)
     (spec,) = res.spectra.values()
     assert set(spec) == {"transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"}
     for s in spec.values():
@@ -87,13 +96,12 @@ def test_tiny_pipeline_runs_end_to_end_and_second_run_hits_the_cache(tmp_path):
 def test_detection_on_an_easy_setting(tmp_path):
     # benign clients with enough data agree; corrupted/conflicting clients stand out
     task = CopyTaskConfig(num_clients=8, contamination=0.25, letters=LETTERS, num_shared=4, focus_size=4,
-                          focus_mass=0.0, train_size=(12, 12), eval_size=4, length=(8, 12))
+                          focus_mass=0.0, train_size=(12, 12), eval_size=4, val_size=2, length=(8, 12))
     cfg = ExperimentConfig(task=task, local=LocalTrainingConfig(steps=20), seeds=(0,), sweep=(),
                            methods=("local", "fedavg", "clair"), exact_match_size=0, refactor_rank=None,
-                           clair=ClairConfig(lam=1.0, threshold=0.6, rank=1), output_dir=None, device="cpu",
-                           progress=False)
+                           output_dir=None, device="cpu", progress=False)  # CLAIR's defaults: no hand-set knob
     res = run_copy_experiment(cfg)
-    (det,) = res.detection
+    (det,) = [d for d in res.detection if d["method"] == "clair"]
     assert det["precision"] == 1.0 and det["recall"] == 1.0, det
     assert sorted(det["flagged"]) == sorted(det["contaminated"])
     acc = {r["method"]: r["token_accuracy_mean"] for r in res.table()}
@@ -111,9 +119,9 @@ def test_sweep_reuses_the_pool(tmp_path):
     loc = {(r["contamination"], r["client"]): r["token_accuracy"] for r in res.records if r["method"] == "local"}
     for (f, c), v in loc.items():
         assert v == loc[(0.0, c)]
-    fractions = [d["contamination"] for d in res.detection]
-    assert fractions == [0.0, 0.34, 0.5]
-    assert [len(d["contaminated"]) for d in res.detection] == [0, 2, 3]
+    clair_det = [d for d in res.detection if d["method"] == "clair"]
+    assert [d["contamination"] for d in clair_det] == [0.0, 0.34, 0.5]
+    assert [len(d["contaminated"]) for d in clair_det] == [0, 2, 3]
 
 
 def test_client_without_data_is_excluded_or_raises(base):
@@ -131,7 +139,7 @@ def test_client_without_data_is_excluded_or_raises(base):
 
 def test_pipeline_excludes_clients_without_data(tmp_path):
     task = CopyTaskConfig(num_clients=8, contamination=0.25, letters=LETTERS, num_shared=4, focus_size=4,
-                          train_size=(0, 3), eval_size=4, length=(6, 10))
+                          train_size=(0, 3), eval_size=4, val_size=2, length=(6, 10))
     cfg = _tiny(tmp_path, task=task, methods=("local", "fedavg", "clair"), exact_match_size=0, refactor_rank=None,
                 output_dir=None)
     pool = make_client_pool(task, *cfg.pool_sizes(), make_generator(0))
@@ -139,7 +147,7 @@ def test_pipeline_excludes_clients_without_data(tmp_path):
     assert empty, "test premise: seed 0 draws at least one client without data"
     res = run_copy_experiment(cfg)
     assert set(res.excluded[0]) == empty and set(res.excluded[0].values()) == {"no training data"}
-    used = set(res.detection[0]["clients"])
+    used = set(next(d for d in res.detection if d["method"] == "clair")["clients"])
     assert not used & empty
     with pytest.raises(ValueError, match="no training data"):
         run_copy_experiment(dataclasses.replace(cfg, on_invalid="raise"))
