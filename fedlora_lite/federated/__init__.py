@@ -2,8 +2,9 @@
 
 The aggregators CLAIR is compared with (one ``aggregate`` interface, robust rules and
 pre-aggregations included), LoRA-aware aggregation of factors (``aggregate_lora``),
-Byzantine attacks (``attack`` / ``contaminate``), the metrics, and synthetic federations
-(dense updates, linear regression, LoRA factors).
+Byzantine attacks (``attack`` / ``contaminate``), the metrics, synthetic federations
+(dense updates, linear regression, LoRA factors), and cached attack grids
+(:mod:`fedlora_lite.federated.grid`).
 """
 
 from .aggregators import (
@@ -15,6 +16,7 @@ from .aggregators import (
 )
 from .attacks import ATTACKS, alie_z, attack, available_attacks, contaminate, label_flip_task
 from .attacks_adaptive import AdaptiveAttack, clair_adaptive_search
+from .lowrank import best_rank_factors, factor_updates, truncate_updates
 from .lora_aggregation import LORA_AGGREGATORS, LoraAggregationResult, aggregate_lora, available_lora_aggregators
 from .metrics import (
     DetectionMetrics,
@@ -49,4 +51,5 @@ __all__ = [
     "label_flip_task",
     "LORA_AGGREGATORS", "LoraAggregationResult", "aggregate_lora", "available_lora_aggregators",
     "PREAGGREGATORS", "nnm", "RobustPCA", "robust_pca",
+    "best_rank_factors", "factor_updates", "truncate_updates",
 ]

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..core.validation import check_choice, check_positive
+from .lowrank import factor_updates, truncate_updates
 
 __all__ = ["AdaptiveAttack", "clair_adaptive", "clair_adaptive_search"]
 
@@ -59,7 +60,7 @@ class AdaptiveAttack:
 
 def clair_adaptive_search(H: torch.Tensor, f: int, generator: torch.Generator, *, mode: str = "evade",
                           scale: float = 1.0, steps: int = 6, config: Any = None,
-                          clair_options: Mapping[str, Any] | None = None) -> AdaptiveAttack:
+                          clair_options: Mapping[str, Any] | None = None, rank: int | None = None) -> AdaptiveAttack:
     """Craft the adaptive byzantine updates (see the module docstring) and report the search.
 
     Args:
@@ -70,6 +71,10 @@ def clair_adaptive_search(H: torch.Tensor, f: int, generator: torch.Generator, *
         scale: byzantine norm relative to the median honest norm (> 0).
         steps: bisection steps on gamma after the two end points (>= 0).
         config, clair_options: CLAIR's configuration as the server runs it.
+        rank: LoRA rank r of the federation (None: dense updates). Every crafted update is
+            cut to its best rank-r approximation (all a client can send as a rank-r
+            adapter) *before* the search tests it, and the attacker runs CLAIR on the exact
+            rank-r factors, as the server does (the honest updates must have rank <= r).
 
     Returns:
         An :class:`AdaptiveAttack`.
@@ -85,7 +90,7 @@ def clair_adaptive_search(H: torch.Tensor, f: int, generator: torch.Generator, *
     opts = dict(clair_options or {})
 
     def run(X: torch.Tensor):
-        return clair(X, config, **opts)
+        return clair(X if rank is None else factor_updates(X, rank), config, **opts)
 
     ref = run(H)
     row = ref.config.side == "row"
@@ -111,7 +116,8 @@ def clair_adaptive_search(H: torch.Tensor, f: int, generator: torch.Generator, *
 
     def craft(gamma: float) -> torch.Tensor:
         B = N * (math.sqrt(max(1.0 - gamma * gamma, 0.0)) * u_in + gamma * u_off)
-        return B.transpose(1, 2).contiguous() if row else B
+        B = B.transpose(1, 2).contiguous() if row else B
+        return B if rank is None else truncate_updates(B, rank)
 
     def flagged(gamma: float) -> int:
         nonlocal evaluations
@@ -135,11 +141,12 @@ def clair_adaptive_search(H: torch.Tensor, f: int, generator: torch.Generator, *
 
 
 def clair_adaptive(H: torch.Tensor, f: int, generator: torch.Generator, *, mode: str = "evade", scale: float = 1.0,
-                   steps: int = 6, config: Any = None, clair_options: Mapping[str, Any] | None = None) -> torch.Tensor:
+                   steps: int = 6, config: Any = None, clair_options: Mapping[str, Any] | None = None,
+                   rank: int | None = None) -> torch.Tensor:
     """Adaptive attack on CLAIR (ours): the updates of :func:`clair_adaptive_search`.
 
     Formula: ``b_j = N (sqrt(1 - gamma^2) u_j + gamma u_off)``, gamma the largest share
     that CLAIR (run by the attacker with the server's ``config``) does not flag.
     """
     return clair_adaptive_search(H, f, generator, mode=mode, scale=scale, steps=steps, config=config,
-                                 clair_options=clair_options).updates
+                                 clair_options=clair_options, rank=rank).updates

@@ -7,6 +7,9 @@ missing ones, with a progress bar. :func:`evaluate_aggregators` runs several agg
 on the same (possibly multi-module) contaminated updates, giving every robust rule the true
 number of byzantine clients as its assumed f (the convention of ByzFL's benchmark), and
 :func:`regression_cell` scores them on a synthetic regression federation.
+:func:`cell_means`, :func:`worst_case` and :func:`breakdown_fraction` turn the rows into
+heatmaps, the worst case over attacks per aggregator (the way ByzFL's benchmark ranks
+rules) and the contamination at which a rule stops beating Local.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import torch
 from ..core.validation import check_fraction
 from .aggregators import aggregate
 from .attacks import attack
+from .lowrank import factor_updates, truncate_updates
 from .metrics import detection_metrics, relative_errors
 from .result import check_f
 
-__all__ = ["cell_key", "run_grid", "assumed_f_options", "contaminate_modules", "evaluate_aggregators", "regression_cell"]
+__all__ = ["cell_key", "run_grid", "assumed_f_options", "contaminate_modules", "evaluate_aggregators", "regression_cell",
+           "cell_means", "worst_case", "breakdown_fraction"]
 
 _F_BOUNDS = {"krum": "krum", "multi_krum": "krum", "bulyan": "bulyan", "mda": "majority"}
 
@@ -102,12 +107,14 @@ def assumed_f_options(method: str, K: int, num_byzantine: int) -> dict[str, Any]
 
 
 def contaminate_modules(name: str, updates: Mapping[str, torch.Tensor], benign: torch.Tensor, *, seed: int = 0,
-                        **options: Any) -> dict[str, torch.Tensor]:
+                        rank: int | None = None, **options: Any) -> dict[str, torch.Tensor]:
     """Replace the clients with ``benign[k] == False`` by byzantine updates, module by module.
 
     Args:
         name: attack name; updates: module -> (K, d_m, p_m) honest updates; benign: (K,) mask.
         seed: the attack's randomness (one derived generator per module).
+        rank: if given, every byzantine update is replaced by its best rank-``rank``
+            approximation: what a byzantine client can send as a rank-r LoRA adapter.
 
     Returns:
         module -> (K, d_m, p_m) updates with the byzantine rows replaced.
@@ -118,15 +125,17 @@ def contaminate_modules(name: str, updates: Mapping[str, torch.Tensor], benign: 
     for j, (module, M) in enumerate(updates.items()):
         X = M.clone()
         if f:
-            X[bad.to(M.device)] = attack(name, M[benign.to(M.device)], f,
-                                         generator=torch.Generator().manual_seed(seed * 1_000_003 + j), **options)
+            B = attack(name, M[benign.to(M.device)], f, generator=torch.Generator().manual_seed(seed * 1_000_003 + j),
+                       **options)
+            X[bad.to(M.device)] = B if rank is None else truncate_updates(B, rank)
         out[module] = X
     return out
 
 
 def evaluate_aggregators(updates: torch.Tensor | Mapping[str, torch.Tensor], benign: torch.Tensor,
                          methods: Sequence[str], *, options: Mapping[str, Mapping[str, Any]] | None = None,
-                         assumed_f: bool = True) -> dict[str, tuple[Any, torch.Tensor | None]]:
+                         assumed_f: bool = True, lora_rank: int | None = None,
+                         ) -> dict[str, tuple[Any, torch.Tensor | None]]:
     """Run several aggregators on the same updates: name -> (estimates, flags).
 
     Args:
@@ -137,6 +146,10 @@ def evaluate_aggregators(updates: torch.Tensor | Mapping[str, torch.Tensor], ben
         methods: aggregator names (``"clair"`` included).
         options: per-method options (override the assumed-f ones).
         assumed_f: give the robust rules f = number of byzantine clients.
+        lora_rank: the updates are rank-r LoRA updates (r = ``lora_rank``): CLAIR then gets
+            their exact factors (:func:`~fedlora_lite.federated.lowrank.factor_updates`) and
+            takes its factored path (same answer, much faster); a ValueError if an update
+            has a larger rank.
 
     Returns:
         name -> (estimates: (K, d, p) or module -> (K, d_m, p_m), flags (K,) or None).
@@ -149,12 +162,12 @@ def evaluate_aggregators(updates: torch.Tensor | Mapping[str, torch.Tensor], ben
     for method in methods:
         opts = dict(assumed_f_options(method, K, n_byz)) if assumed_f else {}
         opts.update((options or {}).get(method, {}))
-        if method == "clair" and not single:
+        if method == "clair" and (not single or lora_rank is not None):
             from ..clair.api import clair_modules  # local import: the solver is only needed here
 
-            res = clair_modules(mods, **opts)
+            res = clair_modules(mods if lora_rank is None else factor_updates(mods, lora_rank), **opts)
             est = {n: r.dense_refined() for n, r in res.iter_refined()}
-            out[method] = (est, res.flags)
+            out[method] = (est["_"] if single else est, res.flags)
             continue
         est, flags = {}, None
         for n, M in mods.items():
@@ -193,3 +206,58 @@ def regression_cell(local: torch.Tensor, truth: torch.Tensor, attack_name: str, 
             dm = detection_metrics(flags.cpu(), (~benign).cpu())
             out["precision"][method], out["recall"][method] = dm.precision, dm.recall
     return out
+
+
+def cell_means(rows: Sequence[Mapping[str, Any]], metric: str, *, by: Sequence[str] = ("attack", "fraction"),
+               ) -> dict[str, dict[tuple[Any, ...], float]]:
+    """method -> {(row[by[0]], row[by[1]], ...): mean of ``row[metric][method]``} over the other keys (e.g. seeds).
+
+    Args:
+        rows: :func:`run_grid` output whose results hold ``metric`` as a method -> value mapping.
+        metric: e.g. ``"error"``, ``"accuracy"``, ``"recall"``.
+        by: the cell keys to keep; the rows are averaged over everything else.
+    """
+    sums: dict[str, dict[tuple[Any, ...], list[float]]] = {}
+    for row in rows:
+        if metric not in row:
+            raise ValueError(f"metric must be one of the row's result keys, got {metric!r}; a row has {sorted(row)}")
+        key = tuple(row[b] for b in by)
+        for method, value in row[metric].items():
+            sums.setdefault(method, {}).setdefault(key, []).append(float(value))
+    return {m: {k: sum(v) / len(v) for k, v in cells.items()} for m, cells in sums.items()}
+
+
+def worst_case(means: Mapping[str, Mapping[tuple[Any, Any], float]], *, higher_is_worse: bool = True,
+               ) -> dict[str, dict[Any, tuple[float, Any]]]:
+    """method -> {fraction: (worst value over the attacks, that attack)}: ByzFL's benchmark ranking.
+
+    Args:
+        means: :func:`cell_means` output keyed by (attack, fraction).
+        higher_is_worse: True for errors, False for accuracies.
+    """
+    out: dict[str, dict[Any, tuple[float, Any]]] = {}
+    for method, cells in means.items():
+        per: dict[Any, tuple[float, Any]] = {}
+        for (attack_name, fraction), value in cells.items():
+            worse = fraction not in per or (value > per[fraction][0] if higher_is_worse else value < per[fraction][0])
+            if worse:
+                per[fraction] = (value, attack_name)
+        out[method] = dict(sorted(per.items()))
+    return out
+
+
+def breakdown_fraction(curve: Mapping[float, float], limit: float | Mapping[float, float], *,
+                       higher_is_worse: bool = True) -> float | None:
+    """Smallest fraction whose value is worse than ``limit`` (a number, or one per fraction); None if none is.
+
+    With ``curve`` a method's worst case over attacks and ``limit`` Local's error this is
+    the contamination at which collaborating under that method stops paying for the worst
+    attack (our operational breakdown point; the classical one, where the error becomes
+    unbounded, needs an unbounded attack and is at least as large).
+    """
+    for fraction in sorted(curve):
+        bound = limit[fraction] if isinstance(limit, Mapping) else float(limit)
+        value = curve[fraction]
+        if (value > bound) if higher_is_worse else (value < bound):
+            return fraction
+    return None
