@@ -7,7 +7,8 @@ One module, K clients with LoRA factors B_k (d x r), A_k (r x p) (20% contaminat
 :func:`fedlora_lite.federated.random_lora_factors`). Three families are timed on the same
 factors, each the way a server would run it:
 
-* CLAIR on the factors (the exact factored path, default options);
+* CLAIR on the factors (the exact factored path, default options); its download is the
+  refined factors (client k: its own r_k columns plus the shared off-subspace pair);
 * the LoRA-aware rules of :func:`fedlora_lite.federated.aggregate_lora` (residual check off:
   only the served factors are computed). FedEx-LoRA forms the d x p residual, i.e. the
   dense product of the stacked factors, which is also what FLoRA's clients and a naive
@@ -35,6 +36,14 @@ from fedlora_lite.federated import aggregate, aggregate_lora, available_lora_agg
 
 ROBUST = ["fedavg", "median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "bulyan", "centered_clipping",
           "adaptive_clipped_mean", "mda", "nnm+trimmed_mean"]
+
+
+def _m(floats: int) -> str:
+    """A float count with three significant digits and a k/M/G suffix (Fed-SB's K r^2 is tiny, FLoRA's download huge)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if floats >= size:
+            return f"{floats / size:.3g}{unit}"
+    return str(floats)
 
 
 def timed(fn, repeats):
@@ -67,7 +76,10 @@ def main(argv=None) -> None:
     pairs = inst.factors
     rows = []
     res, t_clair = timed(lambda: clair(pairs), args.repeats)
-    rows.append(("clair (factored, default options)", t_clair, f"rank {res.rank}, flagged {int(res.flags.sum())}"))
+    widths = res.refined_factors.ranks
+    rows.append(("clair (factored, default options)", t_clair,
+                 f"rank {res.rank}, flagged {int(res.flags.sum())}; up {_m(K * r * (d + p))} / down "
+                 f"{_m(sum(widths) * (d + p))} floats, rank growth {max(widths) / r:.0f}x"))
 
     Bs = torch.cat([B / K for B, _ in pairs], dim=1)
     As = torch.cat([A for _, A in pairs], dim=0)
@@ -83,7 +95,7 @@ def main(argv=None) -> None:
         else:
             inputs = pairs
         out, t = timed(lambda: aggregate_lora(name, inputs, compute_residual=False), args.repeats)
-        rows.append((f"lora: {name}", t, f"up {out.upload_floats / 1e6:.1f}M / down {out.download_floats / 1e6:.1f}M floats, "
+        rows.append((f"lora: {name}", t, f"up {_m(out.upload_floats)} / down {_m(out.download_floats)} floats, "
                                          f"rank growth {out.rank_growth:.0f}x"))
 
     params = torch.stack([torch.cat([B.reshape(-1), A.reshape(-1)]) for B, A in pairs]).unsqueeze(1)  # (K, 1, r(d+p))

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..core.validation import check_fraction
+from ..core.validation import check_fraction, check_positive
 from .aggregators import aggregate
 from .attacks import attack
 from .lowrank import factor_updates, truncate_updates
@@ -107,14 +107,16 @@ def assumed_f_options(method: str, K: int, num_byzantine: int) -> dict[str, Any]
 
 
 def contaminate_modules(name: str, updates: Mapping[str, torch.Tensor], benign: torch.Tensor, *, seed: int = 0,
-                        rank: int | None = None, **options: Any) -> dict[str, torch.Tensor]:
+                        lora_rank: int | None = None, **options: Any) -> dict[str, torch.Tensor]:
     """Replace the clients with ``benign[k] == False`` by byzantine updates, module by module.
 
     Args:
         name: attack name; updates: module -> (K, d_m, p_m) honest updates; benign: (K,) mask.
         seed: the attack's randomness (one derived generator per module).
-        rank: if given, every byzantine update is replaced by its best rank-``rank``
+        lora_rank: if given, every byzantine update is replaced by its best rank-``lora_rank``
             approximation: what a byzantine client can send as a rank-r LoRA adapter.
+        **options: the attack's options (e.g. ``rank=`` for ``"clair_adaptive"``, so that its
+            search already accounts for the truncation).
 
     Returns:
         module -> (K, d_m, p_m) updates with the byzantine rows replaced.
@@ -127,7 +129,7 @@ def contaminate_modules(name: str, updates: Mapping[str, torch.Tensor], benign: 
         if f:
             B = attack(name, M[benign.to(M.device)], f, generator=torch.Generator().manual_seed(seed * 1_000_003 + j),
                        **options)
-            X[bad.to(M.device)] = B if rank is None else truncate_updates(B, rank)
+            X[bad.to(M.device)] = B if lora_rank is None else truncate_updates(B, lora_rank)
         out[module] = X
     return out
 
@@ -186,11 +188,11 @@ def regression_cell(local: torch.Tensor, truth: torch.Tensor, attack_name: str, 
     ``round(fraction * K)`` clients at seeded positions send the attack's updates instead of
     their local estimates; every method's benign-client error is the mean relative error
     ``||est_k - Theta_k|| / ||Theta_k||`` over the benign clients, and its detection (for
-    methods that flag) precision / recall against the byzantine set.
+    methods that flag) precision / recall / false-positive rate against the byzantine set.
 
     Returns:
-        ``{"error": {method: float}, "precision": {...}, "recall": {...}, "local_error": float,
-        "num_byzantine": int}`` (precision/recall only for methods that flag).
+        ``{"error": {method: float}, "precision": {...}, "recall": {...}, "fpr": {...},
+        "local_error": float, "num_byzantine": int}`` (detection only for methods that flag).
     """
     from .attacks import contaminate
 
@@ -198,13 +200,14 @@ def regression_cell(local: torch.Tensor, truth: torch.Tensor, attack_name: str, 
     X, benign = contaminate(attack_name, local, fraction, generator=torch.Generator().manual_seed(seed),
                             **dict(attack_options or {}))
     results = evaluate_aggregators(X, benign, methods, options=options)
-    out: dict[str, Any] = {"error": {}, "precision": {}, "recall": {}, "num_byzantine": int((~benign).sum())}
+    out: dict[str, Any] = {"error": {}, "precision": {}, "recall": {}, "fpr": {}, "num_byzantine": int((~benign).sum())}
     out["local_error"] = float(relative_errors(local[benign], truth[benign]).mean())
     for method, (est, flags) in results.items():
         out["error"][method] = float(relative_errors(est[benign], truth[benign]).mean())
         if flags is not None:
             dm = detection_metrics(flags.cpu(), (~benign).cpu())
             out["precision"][method], out["recall"][method] = dm.precision, dm.recall
+            out["fpr"][method] = dm.fpr
     return out
 
 
@@ -246,18 +249,36 @@ def worst_case(means: Mapping[str, Mapping[tuple[Any, Any], float]], *, higher_i
     return out
 
 
-def breakdown_fraction(curve: Mapping[float, float], limit: float | Mapping[float, float], *,
-                       higher_is_worse: bool = True) -> float | None:
-    """Smallest fraction whose value is worse than ``limit`` (a number, or one per fraction); None if none is.
+def breakdown_fraction(means: Mapping[str, Mapping[tuple[Any, Any], float]], method: str, reference: str = "local", *,
+                       higher_is_worse: bool = True, margin: float = 0.0) -> tuple[float, Any] | None:
+    """Smallest fraction at which some attack makes ``method`` worse than ``reference`` in the same cell.
 
-    With ``curve`` a method's worst case over attacks and ``limit`` Local's error this is
-    the contamination at which collaborating under that method stops paying for the worst
-    attack (our operational breakdown point; the classical one, where the error becomes
-    unbounded, needs an unbounded attack and is at least as large).
+    Args:
+        means: :func:`cell_means` output keyed by (attack, fraction).
+        method, reference: names in ``means`` (default reference: Local, no collaboration).
+        higher_is_worse: True for errors, False for accuracies.
+        margin: "worse" means worse by more than this (in the metric's units), so evaluation
+            noise is not read as a breakdown.
+
+    Returns:
+        ``(fraction, attack)`` of the first such cell (the attack with the largest excess at
+        that fraction), or None if the method is never worse. With Local as the reference this
+        is the contamination beyond which collaborating under that method hurts the benign
+        clients, against the worst tested attack (our operational breakdown point; the
+        classical one, where the error becomes unbounded, needs an unbounded attack).
     """
-    for fraction in sorted(curve):
-        bound = limit[fraction] if isinstance(limit, Mapping) else float(limit)
-        value = curve[fraction]
-        if (value > bound) if higher_is_worse else (value < bound):
-            return fraction
+    for name in (method, reference):
+        if name not in means:
+            raise ValueError(f"method and reference must be keys of means, got {name!r}; known: {sorted(means)}")
+    margin = check_positive(margin, "margin", allow_zero=True)
+    sign = 1.0 if higher_is_worse else -1.0
+    by_fraction: dict[Any, list[tuple[float, Any]]] = {}
+    for (attack_name, fraction), value in means[method].items():
+        if (attack_name, fraction) in means[reference]:
+            excess = sign * (value - means[reference][(attack_name, fraction)])
+            by_fraction.setdefault(fraction, []).append((excess, attack_name))
+    for fraction in sorted(by_fraction):
+        excess, attack_name = max(by_fraction[fraction], key=lambda t: t[0])
+        if excess > margin:
+            return fraction, attack_name
     return None

@@ -57,6 +57,12 @@ def bulyan(M: torch.Tensor, benign: torch.Tensor | None, *, f: int | None = None
     Krum on a remaining set of n clients sums the squared distances to the
     max(1, n - f - 2) nearest others (Flower's ``aggregate_bulyan`` convention); needs
     K >= 4f + 3 (default f = floor((K - 3) / 4)). Clients never selected are flagged.
+
+    Ties at the beta-th distance (ours): with an even |S| the two middle values are always
+    equidistant from the median, and identical byzantine copies tie with them; Flower's
+    ``argpartition`` then keeps an arbitrary subset, so rounding noise of 1e-16 can move the
+    result by a macroscopic amount. Here values tied (to 100 ulps) at the boundary share the
+    remaining slots equally; without ties this is exactly the usual rule.
     """
     K = M.shape[0]
     f = check_f(f, K, bound="bulyan")
@@ -72,13 +78,23 @@ def bulyan(M: torch.Tensor, benign: torch.Tensor | None, *, f: int | None = None
         scores = torch.topk(sub, m, dim=1, largest=False).values.sum(dim=1) if m > 0 else torch.zeros(len(remaining), device=M.device)
         selected.append(remaining.pop(int(torch.argmin(scores))))
     S = X[torch.tensor(selected, device=M.device)]
-    med = coordinate_median(S)
-    closest = torch.argsort((S - med).abs(), dim=0, stable=True)[:beta]
-    center = torch.gather(S, 0, closest).mean(dim=0)
+    center = _closest_to_median_mean(S, beta)
     flags = torch.ones(K, dtype=torch.bool, device=M.device)
     flags[selected] = False
     info = {"selected": selected, "f": f, "theta": theta, "beta": beta}
     return AggregationResult("bulyan", broadcast(center.reshape(M.shape[1:]), K), flags=flags, info=info)
+
+
+def _closest_to_median_mean(S: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the ``beta`` values of S (n, D) closest to the coordinate median; boundary ties shared."""
+    dist, order = torch.sort((S - coordinate_median(S)).abs(), dim=0, stable=True)
+    vals = torch.gather(S, 0, order)
+    edge = dist[beta - 1]  # the beta-th smallest distance, per coordinate
+    tol = 100 * torch.finfo(S.dtype).eps * S.abs().amax(dim=0)
+    inside = dist < edge - tol
+    tied = (dist - edge).abs() <= tol  # includes row beta - 1, so at least one value per coordinate
+    share = (beta - inside.sum(dim=0)) / tied.sum(dim=0)
+    return ((vals * inside).sum(dim=0) + share * (vals * tied).sum(dim=0)) / beta
 
 
 def _clip(D: torch.Tensor, tau: float) -> torch.Tensor:

@@ -161,13 +161,13 @@ def test_truncation_is_the_best_rank_r_approximation_with_balanced_factors():
 def test_contaminate_modules_replaces_only_byzantine_rows_seeded_and_rank_limited():
     mods = {"q": _rank_r(K=8, seed=0), "v": _rank_r(K=8, seed=1)}
     benign = torch.tensor([True, False, True, True, False, True, True, True])
-    X = contaminate_modules("gaussian", mods, benign, seed=3, rank=3)
+    X = contaminate_modules("gaussian", mods, benign, seed=3, lora_rank=3)
     for n, M in mods.items():
         torch.testing.assert_close(X[n][benign], M[benign], rtol=0, atol=0)
         assert not torch.allclose(X[n][~benign], M[~benign])
         assert all(int(torch.linalg.matrix_rank(b)) == 3 for b in X[n][~benign])
     assert not torch.allclose(X["q"][1], X["v"][1])  # one derived generator per module
-    again = contaminate_modules("gaussian", mods, benign, seed=3, rank=3)
+    again = contaminate_modules("gaussian", mods, benign, seed=3, lora_rank=3)
     assert all(torch.equal(X[n], again[n]) for n in mods)
     full = contaminate_modules("gaussian", mods, benign, seed=3)
     assert int(torch.linalg.matrix_rank(full["q"][1])) == 9
@@ -202,10 +202,10 @@ def test_regression_cell_scores_benign_clients_and_detection():
                           seed=1, attack_options={"scale": 5.0})
     assert out["num_byzantine"] == 3
     assert set(out["error"]) == {"local", "fedavg", "oracle_fedavg", "krum", "median"}
-    assert set(out["precision"]) == {"krum"} == set(out["recall"])
+    assert set(out["precision"]) == {"krum"} == set(out["recall"]) == set(out["fpr"])
     assert math.isclose(out["error"]["local"], out["local_error"], rel_tol=1e-12)
     assert out["error"]["oracle_fedavg"] < out["error"]["local"] < out["error"]["fedavg"]  # pooling helps; the attack hurts
-    assert out["recall"]["krum"] == 1.0
+    assert out["recall"]["krum"] == 1.0 and out["fpr"]["krum"] == 0.0
     with pytest.raises(ValueError, match="fraction"):
         regression_cell(local, fed.theta, "sign_flip", 1.2, ["fedavg"])
     with pytest.raises(ValueError, match="attack must be one of"):
@@ -227,7 +227,7 @@ def test_adaptive_attack_with_a_lora_rank_sends_rank_r_updates_that_stay_unflagg
 
 
 ROWS = [
-    {"attack": a, "fraction": f, "seed": s, "error": {"m": e + s, "n": 1.0}}
+    {"attack": a, "fraction": f, "seed": s, "error": {"m": e + s, "local": 2.0 + (a == "y")}}
     for (a, f, e) in [("x", 0.1, 0.5), ("y", 0.1, 2.0), ("x", 0.3, 3.0), ("y", 0.3, 1.0)] for s in (0, 1)
 ]
 
@@ -239,11 +239,15 @@ def test_cell_means_worst_case_and_breakdown():
     assert worst["m"] == {0.1: (2.5, "y"), 0.3: (3.5, "x")}
     best = worst_case(means, higher_is_worse=False)
     assert best["m"] == {0.1: (1.0, "x"), 0.3: (1.5, "y")}
-    curve = {f: v for f, (v, _) in worst["m"].items()}
-    assert breakdown_fraction(curve, 3.0) == 0.3
-    assert breakdown_fraction(curve, {0.1: 2.0, 0.3: 9.0}) == 0.1
-    assert breakdown_fraction(curve, 10.0) is None
-    assert breakdown_fraction(curve, 3.0, higher_is_worse=False) == 0.1
-    assert cell_means(ROWS, "error", by=("fraction",))["n"] == {(0.1,): 1.0, (0.3,): 1.0}
+    # per cell against the reference: at 0.1, m = 2.5 under y is below local's 3.0 under y -> not broken; at 0.3 x breaks it
+    assert breakdown_fraction(means, "m") == (0.3, "x")
+    assert breakdown_fraction(means, "local", "m") == (0.1, "x")
+    assert breakdown_fraction(means, "m", higher_is_worse=False) == (0.1, "x")  # x is 1.0 below local, y 0.5
+    assert breakdown_fraction(means, "m", "m") is None  # equal is not worse
+    assert breakdown_fraction(means, "m", margin=1.0) == (0.3, "x")  # 3.5 - 2.0 > 1.0
+    assert breakdown_fraction(means, "m", margin=1.5) is None
+    assert cell_means(ROWS, "error", by=("fraction",))["local"] == {(0.1,): 2.5, (0.3,): 2.5}
     with pytest.raises(ValueError, match="metric must be one of"):
         cell_means(ROWS, "accuracy")
+    with pytest.raises(ValueError, match="known"):
+        breakdown_fraction(means, "nope")

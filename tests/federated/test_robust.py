@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fedlora_lite.federated import aggregate, available_aggregators, nnm
+from fedlora_lite.federated import aggregate, available_aggregators, fit_local, make_regression_federation, nnm
 from fedlora_lite.federated.robust import coordinate_median
 
 
@@ -148,3 +148,31 @@ def test_geometric_median_scale_cannot_be_dominated_by_one_huge_client():
         res = aggregate("geometric_median", A)
         assert res.info["converged"]
         assert float((res.estimates[0] - clean).norm() / clean.norm()) <= 0.25
+
+
+def test_bulyan_shares_ties_at_the_beta_th_distance():
+    from fedlora_lite.federated.robust import _closest_to_median_mean
+
+    S = torch.tensor([0.0, 1.0, 1.0, 2.0, 3.0, 3.0, 5.0], dtype=torch.float64).reshape(7, 1)
+    # median 2; distances 2, 1, 1, 0, 1, 1, 3: the 3 closest are 2 and two of the four tied at distance 1
+    assert float(_closest_to_median_mean(S, 3)) == pytest.approx(2.0, abs=1e-15)  # (2 + 2 * mean(1, 1, 3, 3)) / 3
+    nudged = S.clone()
+    nudged[1] += 1e-16  # rounding noise must not decide which tied values count
+    assert float(_closest_to_median_mean(nudged, 3)) == pytest.approx(2.0, abs=1e-12)
+    generic = torch.randn(9, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    med = generic.median(dim=0).values
+    idx = torch.argsort((generic - med).abs(), dim=0)[:4]
+    torch.testing.assert_close(_closest_to_median_mean(generic, 4), torch.gather(generic, 0, idx).mean(dim=0))
+
+
+def test_bulyan_is_stable_under_rounding_noise_with_identical_byzantine_copies():
+    from fedlora_lite.federated import contaminate
+
+    fed = make_regression_federation(20, 10, 4, 2, 0.0, noise=1.0, samples=60, similarity=0.97, seed=0)
+    local = fit_local(fed)
+    out = []
+    for eps in (0.0, 1e-15):
+        noisy = local * (1 + eps * torch.randn(local.shape, generator=torch.Generator().manual_seed(5), dtype=local.dtype))
+        X, _ = contaminate("mimic", noisy, 0.3, generator=torch.Generator().manual_seed(0))  # 6 identical copies
+        out.append(aggregate("bulyan", X, f=4).estimates[0])
+    assert float((out[0] - out[1]).norm() / out[0].norm()) < 1e-12
