@@ -25,11 +25,11 @@ with them (on a shared 2-core machine every timing is noisy by +-30%).
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import time
 
 import torch
+
+from solver_vs_cvxpy import best_time  # best-of-n wall clock, shared with the other benchmark (same folder)
 
 from fedlora_lite.clair import clair
 from fedlora_lite.federated import aggregate, aggregate_lora, available_lora_aggregators, random_lora_factors
@@ -44,15 +44,6 @@ def _m(floats: int) -> str:
         if floats >= size:
             return f"{floats / size:.3g}{unit}"
     return str(floats)
-
-
-def timed(fn, repeats):
-    best, out = math.inf, None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
 
 
 def main(argv=None) -> None:
@@ -75,7 +66,7 @@ def main(argv=None) -> None:
                                generator=torch.Generator().manual_seed(0), dtype=dtype)
     pairs = inst.factors
     rows = []
-    res, t_clair = timed(lambda: clair(pairs), args.repeats)
+    res, t_clair = best_time(lambda: clair(pairs), args.repeats)
     widths = res.refined_factors.ranks
     rows.append(("clair (factored, default options)", t_clair,
                  f"rank {res.rank}, flagged {int(res.flags.sum())}; up {_m(K * r * (d + p))} / down "
@@ -83,7 +74,7 @@ def main(argv=None) -> None:
 
     Bs = torch.cat([B / K for B, _ in pairs], dim=1)
     As = torch.cat([A for _, A in pairs], dim=0)
-    _, t_dense = timed(lambda: Bs @ As, args.repeats)
+    _, t_dense = best_time(lambda: Bs @ As, args.repeats)
     rows.append(("dense sum_k B_k A_k (d x p product)", t_dense, f"{d}x{p} from width {K * r}"))
     for name in available_lora_aggregators():
         if name == "ffa_lora":  # needs one shared frozen A: same arithmetic as FedIT's B-average
@@ -94,7 +85,7 @@ def main(argv=None) -> None:
             inputs = [(B0, torch.randn(r, r, generator=torch.Generator().manual_seed(k), dtype=dtype), A0) for k in range(K)]
         else:
             inputs = pairs
-        out, t = timed(lambda: aggregate_lora(name, inputs, compute_residual=False), args.repeats)
+        out, t = best_time(lambda: aggregate_lora(name, inputs, compute_residual=False), args.repeats)
         rows.append((f"lora: {name}", t, f"up {_m(out.upload_floats)} / down {_m(out.download_floats)} floats, "
                                          f"rank growth {out.rank_growth:.0f}x"))
 
@@ -103,7 +94,7 @@ def main(argv=None) -> None:
     opts = {"krum": {"f": f}, "multi_krum": {"f": f}, "bulyan": {"f": min(f, (K - 3) // 4)}, "mda": {"f": 2},
             "nnm+trimmed_mean": {"f": f, "trim": f / K}, "trimmed_mean": {"trim": f / K}}
     for name in ROBUST:
-        _, t = timed(lambda: aggregate(name, params, **opts.get(name, {})), args.repeats)
+        _, t = best_time(lambda: aggregate(name, params, **opts.get(name, {})), args.repeats)
         note = {"mda": "f = 2 only: MDA scans C(K, f) subsets"}.get(name, f"on K x {params.shape[-1]} parameters")
         rows.append((f"dense rule: {name}", t, note))
 
