@@ -1,7 +1,10 @@
 """Federated aggregation around CLAIR: baseline aggregators, metrics, synthetic federations.
 
-The aggregators CLAIR is compared with (one ``aggregate`` interface), the metrics, and
-synthetic federations (dense updates, linear regression, LoRA factors).
+The aggregators CLAIR is compared with (one ``aggregate`` interface, robust rules and
+pre-aggregations included), LoRA-aware aggregation of factors (``aggregate_lora``),
+Byzantine attacks (``attack`` / ``contaminate``), the metrics, synthetic federations
+(dense updates, linear regression, LoRA factors), and cached attack grids
+(:mod:`fedlora_lite.federated.grid`).
 """
 
 from .aggregators import (
@@ -11,6 +14,10 @@ from .aggregators import (
     available_aggregators,
     krum_scores,
 )
+from .attacks import ATTACKS, alie_z, attack, available_attacks, contaminate, label_flip_task
+from .attacks_adaptive import AdaptiveAttack, clair_adaptive_search
+from .lowrank import best_rank_factors, factor_updates, truncate_updates
+from .lora_aggregation import LORA_AGGREGATORS, LoraAggregationResult, aggregate_lora, available_lora_aggregators
 from .metrics import (
     DetectionMetrics,
     RefinementGain,
@@ -28,6 +35,8 @@ from .regression import (
     make_regression_federation,
     ols_noise_level,
 )
+from .robust import PREAGGREGATORS, nnm
+from .rpca import RobustPCA, robust_pca
 from .synthetic import CONTAMINATION_KINDS, UpdateFederation, make_update_federation
 from .synthetic_lora import SyntheticLora, random_lora_factors
 
@@ -38,4 +47,9 @@ __all__ = [
     "CONTAMINATION_KINDS", "RegressionFederation", "UpdateFederation", "expected_ols_error", "fit_local",
     "least_squares", "make_regression_federation", "make_update_federation", "ols_noise_level",
     "SyntheticLora", "random_lora_factors",
+    "ATTACKS", "AdaptiveAttack", "alie_z", "attack", "available_attacks", "clair_adaptive_search", "contaminate",
+    "label_flip_task",
+    "LORA_AGGREGATORS", "LoraAggregationResult", "aggregate_lora", "available_lora_aggregators",
+    "PREAGGREGATORS", "nnm", "RobustPCA", "robust_pca",
+    "best_rank_factors", "factor_updates", "truncate_updates",
 ]

@@ -21,47 +21,31 @@ Registered methods (:func:`available_aggregators`):
 ``clair``              :func:`fedlora_lite.clair.clair` (refined updates + flags)
 =====================  ==========================================================
 
+plus the rules of :mod:`fedlora_lite.federated.robust` (``bulyan``, ``centered_clipping``,
+``clipped_mean``, ``adaptive_clipped_mean``, ``mda``) and any of them behind a
+pre-aggregation: ``"nnm+trimmed_mean"`` mixes every update with its nearest neighbours
+(:func:`~fedlora_lite.federated.robust.nnm`) before the trimmed mean.
+
 Every method accepts (and all but ``oracle_fedavg`` ignore) the true ``benign`` mask, so a
 benchmark loop can pass the same arguments to all of them.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from ..core.validation import as_update_stack, check_fraction, check_positive
+from .result import AggregationResult, accepted_options, broadcast, check_f, check_options
+from .robust import PREAGGREGATORS, ROBUST_AGGREGATORS, coordinate_median
 
 __all__ = ["AGGREGATORS", "AggregationResult", "aggregate", "available_aggregators", "krum_scores"]
 
-
-@dataclass
-class AggregationResult:
-    """Output of :func:`aggregate`.
-
-    Attributes:
-        method: registered name of the aggregator.
-        estimates: (K, d, p) each client's estimate after aggregation.
-        flags: (K,) bool, True = the method treated the client as contaminated; None for
-            methods that make no such decision.
-        info: method-specific diagnostics (e.g. Krum scores, Weiszfeld iterations, the
-            :class:`~fedlora_lite.clair.ClairResult` under ``"result"``).
-    """
-
-    method: str
-    estimates: torch.Tensor
-    flags: torch.Tensor | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def _broadcast(center: torch.Tensor, K: int) -> torch.Tensor:
-    return center.unsqueeze(0).expand(K, *center.shape).clone()
+_broadcast = broadcast
 
 
 def _local(M: torch.Tensor, benign: torch.Tensor | None) -> AggregationResult:
@@ -94,10 +78,8 @@ def _oracle_fedavg(M: torch.Tensor, benign: torch.Tensor | None) -> AggregationR
 
 def _median(M: torch.Tensor, benign: torch.Tensor | None) -> AggregationResult:
     """Coordinate-wise median (mean of the two middle values when K is even)."""
-    K = M.shape[0]
-    srt = torch.sort(M, dim=0).values  # torch.median returns the lower middle value; avoid that bias
-    center = 0.5 * (srt[(K - 1) // 2] + srt[K // 2])
-    return AggregationResult("median", _broadcast(center, K))
+    # torch.median returns the lower middle value; coordinate_median averages the two (no bias)
+    return AggregationResult("median", _broadcast(coordinate_median(M), M.shape[0]))
 
 
 def _trimmed_mean(M: torch.Tensor, benign: torch.Tensor | None, *, trim: float = 0.1) -> AggregationResult:
@@ -115,8 +97,10 @@ def _geometric_median(
 ) -> AggregationResult:
     """Weiszfeld iterations for argmin_z sum_k ||M_k - z||_F.
 
-    Distances are floored at ``eps * scale`` (scale = mean update norm) so the iteration
-    stays defined when z lands on a client; stops when the step is below ``tol * scale``.
+    Distances are floored at ``eps * scale`` so the iteration stays defined when z lands on
+    a client; it stops when the step is below ``tol * scale``. The scale is the *median*
+    update norm and the start is the coordinate-wise median: one client scaled by 1e10
+    can then neither inflate the floor and tolerance nor start the iteration near itself.
     """
     eps = check_positive(eps, "eps")
     tol = check_positive(tol, "tol")
@@ -124,10 +108,13 @@ def _geometric_median(
         raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
     K = M.shape[0]
     X = M.reshape(K, -1)
-    scale = float(X.norm(dim=1).mean())
+    norms = X.norm(dim=1)
+    scale = float(norms.median())
+    if scale == 0.0:
+        scale = float(norms.max())
     if scale == 0.0:
         return AggregationResult("geometric_median", M.clone(), info={"iterations": 0, "converged": True, "objective": 0.0})
-    z = X.mean(dim=0)
+    z = coordinate_median(X)
     converged, it = False, 0
     for it in range(1, max_iter + 1):
         dist = torch.clamp((X - z).norm(dim=1), min=eps * scale)
@@ -141,10 +128,6 @@ def _geometric_median(
     objective = float((X - z).norm(dim=1).sum())
     info = {"iterations": it, "converged": converged, "objective": objective}
     return AggregationResult("geometric_median", _broadcast(z.reshape(M.shape[1:]), K), info=info)
-
-
-def _default_f(K: int) -> int:
-    return max((K - 3) // 2, 0)
 
 
 def krum_scores(updates: Any, f: int | None = None) -> torch.Tensor:
@@ -169,13 +152,7 @@ def krum_scores(updates: Any, f: int | None = None) -> torch.Tensor:
 
 
 def _check_f(f: int | None, K: int) -> int:
-    if f is None:
-        return _default_f(K)
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
-        raise ValueError(f"f must be a non-negative int, got {f!r}")
-    if K <= 2 * f + 2:
-        raise ValueError(f"Krum needs K > 2f + 2; with K={K} clients f must be <= {(K - 3) // 2}, got f={f}")
-    return int(f)
+    return check_f(f, K, bound="krum")
 
 
 def _krum(M: torch.Tensor, benign: torch.Tensor | None, *, f: int | None = None) -> AggregationResult:
@@ -232,23 +209,37 @@ AGGREGATORS: dict[str, Callable[..., AggregationResult]] = {
     "krum": _krum,
     "multi_krum": _multi_krum,
     "clair": _clair,
+    **ROBUST_AGGREGATORS,
 }
 """Registered aggregators: name -> function(updates (K, d, p), benign, **options)."""
 
 
-def available_aggregators() -> list[str]:
-    """Names accepted by :func:`aggregate`, in registry order."""
-    return list(AGGREGATORS)
+def available_aggregators(*, composed: bool = False) -> list[str]:
+    """Names accepted by :func:`aggregate`, in registry order.
+
+    Args:
+        composed: also list every ``"<pre-aggregation>+<aggregator>"`` combination (e.g.
+            ``"nnm+trimmed_mean"``); any registered aggregator except ``local`` and
+            ``oracle_fedavg`` composes.
+    """
+    names = list(AGGREGATORS)
+    if composed:
+        names += [f"{pre}+{m}" for pre in PREAGGREGATORS for m in AGGREGATORS if m not in _NOT_COMPOSABLE]
+    return names
 
 
-def _check_options(method: str, fn: Callable[..., AggregationResult], options: dict[str, Any]) -> None:
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise TypeError(f"method {method!r} got unknown options {unknown}; it accepts {allowed or 'no options'}")
+_NOT_COMPOSABLE = ("local", "oracle_fedavg")
+
+
+def _resolve(method: Any) -> tuple[list[str], str]:
+    """Split ``"nnm+trimmed_mean"`` into ([pre-aggregations], aggregator), checking every name."""
+    parts = method.split("+") if isinstance(method, str) else [None]
+    *pre, final = parts
+    ok = final in AGGREGATORS and all(p in PREAGGREGATORS for p in pre) and not (pre and final in _NOT_COMPOSABLE)
+    if not ok:
+        raise ValueError(f"method must be one of {available_aggregators()}, or '<pre>+<method>' with <pre> in "
+                         f"{sorted(PREAGGREGATORS)} (e.g. 'nnm+trimmed_mean'), got {method!r}")
+    return pre, final
 
 
 def _as_benign(benign: Any, K: int, device: torch.device) -> torch.Tensor | None:
@@ -264,13 +255,15 @@ def aggregate(method: str, updates: Any, *, benign: Any = None, **options: Any) 
     """Aggregate K client updates with a registered method.
 
     Args:
-        method: one of :func:`available_aggregators`.
+        method: one of :func:`available_aggregators`, optionally behind pre-aggregations
+            (``"nnm+trimmed_mean"``: nearest-neighbour mixing with ``f``, then the rule).
         updates: K equal-shape (d, p) matrices (torch on any device, or numpy; float32/64)
             or a (K, d, p) tensor; K >= 3.
         benign: (K,) bool true benign mask; required by ``oracle_fedavg``, ignored by the rest.
         **options: method options, e.g. ``weights`` (fedavg), ``trim`` (trimmed_mean),
             ``eps``/``tol``/``max_iter`` (geometric_median), ``f`` (krum), ``f``/``m``
-            (multi_krum), any :class:`~fedlora_lite.clair.ClairConfig` field (clair).
+            (multi_krum), any :class:`~fedlora_lite.clair.ClairConfig` field (clair); the
+            robust rules' options are listed on each in :mod:`fedlora_lite.federated.robust`.
 
     Returns:
         An :class:`AggregationResult` with (K, d, p) estimates on the input's device and dtype.
@@ -280,9 +273,20 @@ def aggregate(method: str, updates: Any, *, benign: Any = None, **options: Any) 
             fewer than 3 clients, invalid option values.
         TypeError: an option the method does not accept.
     """
-    if not isinstance(method, str) or method not in AGGREGATORS:
-        raise ValueError(f"method must be one of {available_aggregators()}, got {method!r}")
-    fn = AGGREGATORS[method]
-    _check_options(method, fn, options)
+    pre, final = _resolve(method)
+    fn = AGGREGATORS[final]
+    check_options(method, fn, options, extra=("f",) if pre else ())
     M = as_update_stack(updates, "updates")
-    return fn(M, _as_benign(benign, M.shape[0], M.device), **options)
+    mask = _as_benign(benign, M.shape[0], M.device)
+    if not pre:
+        return fn(M, mask, **options)
+    # a pre-aggregation uses the assumed Byzantine count f; the aggregator also gets it if it takes f
+    f = options.get("f")
+    for name in pre:
+        M = PREAGGREGATORS[name](M, f=f)
+    accepted = accepted_options(fn)
+    rest = {k: v for k, v in options.items() if k != "f" or accepted is None or "f" in accepted}
+    result = fn(M, mask, **rest)
+    result.method = method
+    result.info["preaggregated"] = M
+    return result

@@ -31,7 +31,11 @@ def test_registry_lists_every_method():
     assert available_aggregators() == list(AGGREGATORS)
     assert set(available_aggregators()) == {
         "local", "fedavg", "oracle_fedavg", "median", "trimmed_mean", "geometric_median", "krum", "multi_krum", "clair",
+        "bulyan", "centered_clipping", "clipped_mean", "adaptive_clipped_mean", "mda",
     }
+
+
+REQUIRED_OPTIONS = {"clipped_mean": {"clip_norm": 1.0}}
 
 
 @pytest.mark.parametrize("method", [m for m in AGGREGATORS if m != "clair"])
@@ -39,7 +43,7 @@ def test_registry_lists_every_method():
 def test_every_method_returns_per_client_estimates(method, dtype):
     M, benign = _with_outliers()
     M = M.to(dtype)
-    res = aggregate(method, M, benign=benign)
+    res = aggregate(method, M, benign=benign, **REQUIRED_OPTIONS.get(method, {}))
     assert isinstance(res, AggregationResult) and res.method == method
     assert res.estimates.shape == M.shape and res.estimates.dtype == dtype
     assert torch.isfinite(res.estimates).all()
@@ -239,4 +243,5 @@ def test_all_methods_agree_on_identical_updates():
     M = torch.ones(5, 3, 2, dtype=torch.float64).mul(torch.tensor([[1.0, 2.0]], dtype=torch.float64))
     benign = torch.ones(5, dtype=torch.bool)
     for method in [m for m in AGGREGATORS if m != "clair"]:
-        torch.testing.assert_close(aggregate(method, M, benign=benign).estimates, M)
+        opts = {"clip_norm": 10.0} if method == "clipped_mean" else {}  # above every norm: nothing clipped
+        torch.testing.assert_close(aggregate(method, M, benign=benign, **opts).estimates, M)
