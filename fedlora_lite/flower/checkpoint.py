@@ -3,7 +3,8 @@
 After every completed round a strategy writes, under
 ``<output_dir>/checkpoints/<fingerprint>/<method>/``:
 
-* ``models.safetensors`` — every node's current model update ΔW (and the global one), float64;
+* ``models.safetensors`` — every node's current model update ΔW (and the global one), float64,
+  and the exact float32 factors last sent for each (so a resumed run sends the same bytes);
 * ``state.json`` — the round number, the per-round history and the sha256 of the tensors
   file, written last and atomically (``os.replace``), so a crash mid-write leaves the
   previous checkpoint valid.
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,16 @@ class Checkpoint:
         models: partition -> module -> ΔW (out, in) float64 (personalised strategies).
         global_model: module -> ΔW (the global / collaborative model).
         history: the per-round records so far.
+        downlink: ``"global"`` or a partition (as str) -> the factors last encoded for it.
+        scalings: same keys -> the scaling of those factors.
     """
 
     round: int
     models: dict[int, dict[str, torch.Tensor]]
     global_model: dict[str, torch.Tensor]
     history: list[dict[str, Any]]
+    downlink: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    scalings: dict[str, float] = field(default_factory=dict)
 
 
 def save_checkpoint(directory: str | Path, ckpt: Checkpoint, meta: Mapping[str, Any]) -> Path:
@@ -60,11 +65,14 @@ def save_checkpoint(directory: str | Path, ckpt: Checkpoint, meta: Mapping[str, 
     tensors = {f"global/{n}": t.contiguous() for n, t in ckpt.global_model.items()}
     for p, mods in ckpt.models.items():
         tensors.update({f"model/{p}/{n}": t.contiguous() for n, t in mods.items()})
+    for key, arrays in ckpt.downlink.items():
+        tensors.update({f"downlink/{key}/{k}": t.contiguous() for k, t in arrays.items()})
     data = save(tensors, metadata={"format": "pt"})
     tmp = path / (_TENSORS + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path / _TENSORS)
-    state = {**meta, "round": ckpt.round, "history": ckpt.history, "tensors_sha256": sha256_bytes(data)}
+    state = {**meta, "round": ckpt.round, "history": ckpt.history, "scalings": ckpt.scalings,
+             "tensors_sha256": sha256_bytes(data)}
     tmp = path / (_STATE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
     os.replace(tmp, path / _STATE)
@@ -92,11 +100,16 @@ def load_checkpoint(directory: str | Path, meta: Mapping[str, Any]) -> Checkpoin
     tensors = load(data)
     models: dict[int, dict[str, torch.Tensor]] = {}
     global_model: dict[str, torch.Tensor] = {}
+    downlink: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         kind, rest = key.split("/", 1)
         if kind == "global":
             global_model[rest] = t
-        else:
+        elif kind == "model":
             p, name = rest.split("/", 1)
             models.setdefault(int(p), {})[name] = t
-    return Checkpoint(int(state["round"]), models, global_model, list(state["history"]))
+        else:
+            owner, name = rest.split("/", 1)
+            downlink.setdefault(owner, {})[name] = t
+    return Checkpoint(int(state["round"]), models, global_model, list(state["history"]), downlink,
+                      {k: float(v) for k, v in state.get("scalings", {}).items()})

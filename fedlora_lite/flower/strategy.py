@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 from flwr.supercore import log
@@ -353,7 +353,12 @@ class LoraStrategy(FedAvg):
         self._sent = {}
 
     def _checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.history[-1]["round"], self.models, self.global_model, self.history)
+        down, scal = {}, {}
+        for key, (record, scaling, _) in self._encoded.items():
+            owner = "global" if key is None else str(key)
+            down[owner] = {k: torch.from_numpy(record[k].numpy().copy()) for k in record.keys()}
+            scal[owner] = scaling
+        return Checkpoint(self.history[-1]["round"], self.models, self.global_model, self.history, down, scal)
 
     def _restore(self) -> int:
         if self.checkpoint_dir is None or not self.resume:
@@ -363,6 +368,11 @@ class LoraStrategy(FedAvg):
             return 0
         self.models, self.history, self._encoded = ckpt.models, ckpt.history, {}
         self.global_model = {n: ckpt.global_model[n] for n in self.reference.names}
+        for owner, arrays in ckpt.downlink.items():  # resend exactly the factors an uninterrupted run would send
+            record = ArrayRecord({k: Array(t.numpy()) for k, t in arrays.items()})
+            ranks = {n: int(arrays[f"base_model.model.{n}.lora_A.weight"].shape[0]) if arrays else 0
+                     for n in self.reference.names}
+            self._encoded[None if owner == "global" else int(owner)] = (record, ckpt.scalings[owner], ranks)
         log(INFO, "%s: resuming after round %d (checkpoint %s)", self.method, ckpt.round, self.checkpoint_dir)
         return ckpt.round
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -56,5 +57,8 @@ class LocalGrid(Grid):
                 raise KeyboardInterrupt(f"interrupted at {self.interrupt_at}")
             if self.nodes[nid] in self.silent and msg.metadata.message_type == "train":
                 continue
-            replies.append(self.client_app(msg, self.contexts[nid]))
+            try:
+                replies.append(self.client_app(msg, self.contexts[nid]))
+            except Exception as exc:  # noqa: BLE001 - what Flower's runtimes do: an error reply, not a crash
+                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(exc)), reply_to=msg))
         return replies
