@@ -83,8 +83,12 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def _kill_tree(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
-    """SIGTERM every process, its group and its descendants; SIGKILL what is left after ``grace`` s."""
+def _kill_tree(procs: list[subprocess.Popen], grace: float = 10.0) -> list[int]:
+    """SIGTERM every process, its group and its descendants; SIGKILL what is left after ``grace`` s.
+
+    Returns:
+        The pids of every process it stopped (the started ones and their descendants).
+    """
     try:
         import psutil
     except ImportError:  # pragma: no cover - psutil comes with the [flower] extra
@@ -127,6 +131,7 @@ def _kill_tree(procs: list[subprocess.Popen], grace: float = 10.0) -> None:
             except ProcessLookupError:
                 pass
             p.wait(timeout=10)
+    return [p.pid for p in procs] + [v.pid for v in victims]
 
 
 @dataclass
@@ -138,6 +143,7 @@ class DeploymentRun:
         returncode, output, seconds: how it ended, what it printed, its wall time.
         result: the run's results (set by :func:`run_deployment`).
         processes: the SuperLink / SuperNode command lines that served it.
+        pids, ports: every process stopped afterwards and the ports they held.
     """
 
     command: list[str]
@@ -146,6 +152,8 @@ class DeploymentRun:
     seconds: float
     result: FlowerResult | None = None
     processes: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
 
     @property
     def command_line(self) -> str:
@@ -170,6 +178,7 @@ class LocalDeployment:
     superlink_port: int = 0
     node_ports: list[int] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
+    stopped: list[int] = field(default_factory=list)
     _procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -248,8 +257,11 @@ class LocalDeployment:
         return DeploymentRun(args, proc.returncode, out.decode(errors="replace"), time.perf_counter() - t0)
 
     def stop(self) -> None:
-        """Terminate every process started here and their descendants; wait until the ports are free."""
-        _kill_tree(self._procs)
+        """Terminate every process started here and their descendants; wait until the ports are free.
+
+        Safe to call twice; ``self.stopped`` lists every pid it stopped.
+        """
+        self.stopped += _kill_tree(self._procs)
         ports = [self.superlink_port, *self.node_ports]
         deadline = time.monotonic() + 10
         while any(p and _port_open(self.host, p) for p in ports) and time.monotonic() < deadline:
@@ -289,6 +301,8 @@ def run_deployment(cfg: FlowerRunConfig, workdir: str | Path, *, timeout: float 
     with LocalDeployment(cfg.num_nodes, workdir) as dep:
         run = dep.run(app, cfg, timeout=timeout)
         run.processes = list(dep.commands[:-1])
+    run.pids = list(dep.stopped)
+    run.ports = [dep.superlink_port, *dep.node_ports]
     try:
         run.result = FlowerResult.load(cfg.output_dir)
     except FileNotFoundError as exc:
