@@ -41,10 +41,11 @@ from ..clair.config import ClairConfig
 from ..core.validation import check_choice
 from ..federated.aggregators import aggregate
 from .config import FLAGGED_POLICIES, FlowerRunConfig, paper_clair_config
+from ..lora.factors import LoraFactors
 from .records import ReferenceAdapter
 from .strategy import Combined, LoraStrategy, RoundUpdates
 
-__all__ = ["GlobalLoraStrategy", "DetectThenAverage", "ClairStrategy", "build_strategy", "flatten_updates"]
+__all__ = ["TARGETS", "GlobalLoraStrategy", "DetectThenAverage", "ClairStrategy", "build_strategy", "flatten_updates"]
 
 _GLOBAL = ("fedavg", "median", "trimmed_mean", "geometric_median", "krum", "multi_krum")
 
@@ -100,9 +101,33 @@ class GlobalLoraStrategy(LoraStrategy):
                         info=_jsonable(res.info))
 
 
-def _clair_fit(updates: RoundUpdates, config: ClairConfig):
+TARGETS = ("model", "update")
+"""What CLAIR decomposes each round: ``model`` — every participant's would-be model (the model
+it holds plus its new update, exact LoRA factors ``[s_h B_h, s B_k] [A_h; A_k]``); ``update`` —
+the round's updates alone. Both are the in-process computation in round 1 (every node holds
+the base)."""
+
+
+def _pairs(updates: RoundUpdates, target: str) -> dict[str, list[LoraFactors]]:
     names = updates.adapters[0].module_names
-    return clair_modules({n: [a.factors[n] for a in updates.adapters] for n in names}, config)
+    out: dict[str, list[LoraFactors]] = {n: [] for n in names}
+    for a, held in zip(updates.adapters, updates.held or [None] * len(updates.adapters)):
+        for n in names:
+            f = a.factors[n]
+            if target == "update" or held is None:
+                out[n].append(f)
+                continue
+            A_h, B_h, s_h = held[n]
+            A = torch.cat([A_h.to(torch.float64), f.A.to(torch.float64)])
+            B = torch.cat([s_h * B_h.to(torch.float64), f.scaling * f.B.to(torch.float64)], dim=1)
+            out[n].append(LoraFactors(A=A, B=B, scaling=1.0, fan_in_fan_out=f.fan_in_fan_out))
+    if target == "model" and any(h is not None for h in updates.held):  # one dtype for the whole stack
+        out = {n: [LoraFactors(f.A.double(), f.B.double(), f.scaling, f.fan_in_fan_out) for f in fs] for n, fs in out.items()}
+    return out
+
+
+def _clair_fit(updates: RoundUpdates, config: ClairConfig, target: str = "update"):
+    return clair_modules(_pairs(updates, target), config)
 
 
 def _clair_info(res) -> dict[str, Any]:
@@ -115,17 +140,19 @@ class DetectThenAverage(LoraStrategy):
 
     A global model: every node, flagged or not, receives the same average. With fewer
     than 3 unflagged nodes the mean is taken directly; with none the round changes nothing.
+    ``target`` (:data:`TARGETS`) is what the flags are computed on.
     """
 
     personalised = False
 
-    def __init__(self, clair_config: ClairConfig | None = None, *, weighted: bool = True, **kwargs: Any):
+    def __init__(self, clair_config: ClairConfig | None = None, *, weighted: bool = True, target: str = "model",
+                 **kwargs: Any):
         super().__init__(method=kwargs.pop("method", "detect_average"), **kwargs)
         self.clair_config = ClairConfig() if clair_config is None else clair_config
-        self.weighted = weighted
+        self.weighted, self.target = weighted, check_choice(target, "target", TARGETS)
 
     def combine(self, updates: RoundUpdates) -> Combined:
-        res = _clair_fit(updates, self.clair_config)
+        res = _clair_fit(updates, self.clair_config, self.target)
         flags = res.flags.cpu().to(torch.bool)
         keep = ~flags
         flat = flatten_updates(updates.deltas)
@@ -141,39 +168,53 @@ class DetectThenAverage(LoraStrategy):
 
 
 class ClairStrategy(LoraStrategy):
-    """CLAIR as a personalised Flower strategy: each node gets its own refined update.
+    """CLAIR as a personalised Flower strategy: each node gets its own refined model.
 
     Args:
         clair_config: every CLAIR option (default ``ClairConfig()``), passed through unchanged.
         flagged_policy: what a flagged node receives (:data:`~fedlora_lite.flower.config.FLAGGED_POLICIES`).
+        target: what CLAIR decomposes each round (:data:`TARGETS`). ``model`` (default):
+            the participants' would-be models, so CLAIR compares whole models from the
+            base as in the one-shot setting it was designed for and each benign node's new
+            model is its refined model; ``update``: the round's updates alone, refined and
+            added to each node's model (late in training the benign updates shrink to noise,
+            which a scale-free score cannot tell from contamination).
         **kwargs: :class:`~fedlora_lite.flower.strategy.LoraStrategy` arguments.
 
     Communication: the uplink is one rank-r adapter, r (in + out) floats per module. The
-    refined update of a benign node has rank up to r + min(|C| r, in, out) (own in-subspace
-    part plus the collaborative average off the subspace), and the models accumulate over
-    rounds, so ``downlink="exact"`` sends up to min(in, out) (in + out) floats per module,
-    while ``downlink="rank"`` (default) re-factorises to rank r by truncated SVD and costs
-    what the uplink costs (Eckart–Young: the best rank-r approximation).
+    refined model of a benign node has rank up to r + min(|C| r, in, out) after one round
+    (own in-subspace part plus the collaborative average off the subspace) and may grow to
+    min(in, out) over rounds, so ``downlink="exact"`` sends up to min(in, out) (in + out)
+    floats per module and node, while ``downlink="rank"`` (default) re-factorises to rank r
+    by truncated SVD and costs what the uplink costs (Eckart–Young: the best rank-r
+    approximation). Either way the downlink is one message per node: CLAIR cannot broadcast.
     """
 
     personalised = True
 
-    def __init__(self, clair_config: ClairConfig | None = None, *, flagged_policy: str = "own", **kwargs: Any):
+    def __init__(self, clair_config: ClairConfig | None = None, *, flagged_policy: str = "own", target: str = "model",
+                 **kwargs: Any):
         super().__init__(method=kwargs.pop("method", "clair"), **kwargs)
         self.clair_config = ClairConfig() if clair_config is None else clair_config
         self.flagged_policy = check_choice(flagged_policy, "flagged_policy", FLAGGED_POLICIES)
+        self.target = check_choice(target, "target", TARGETS)
 
     def combine(self, updates: RoundUpdates) -> Combined:
-        res = _clair_fit(updates, self.clair_config)
+        res = _clair_fit(updates, self.clair_config, self.target)
         est = {n: r.dense_refined().to(torch.float64).cpu() for n, r in res.iter_refined()}
         flags = res.flags.cpu().to(torch.bool)
+        if self.target == "model":  # the nodes' models before this round (flagged "unchanged" nodes keep them)
+            before = {n: torch.stack([self.model_of(p)[n] for p in updates.partitions]) for n in est}
         if bool(flags.any()) and self.flagged_policy != "own":
             for n, e in est.items():
-                if self.flagged_policy == "unchanged" or not bool((~flags).any()):
-                    e[flags] = 0.0
-                else:
+                if self.flagged_policy == "collaborative" and bool((~flags).any()):
                     e[flags] = e[~flags].mean(0)
-        return Combined(estimates=est, flags=flags, scores=res.scores, info=_clair_info(res))
+                else:  # "unchanged" (or nobody left to learn from)
+                    e[flags] = before[n][flags] if self.target == "model" else 0.0
+        info = {**_clair_info(res), "target": self.target}
+        if self.target == "model":
+            return Combined(models=est, flags=flags, scores=res.scores, info=info)
+        return Combined(estimates=est, flags=flags, scores=res.scores, info=info)
 
 
 def build_strategy(method: str, cfg: FlowerRunConfig, reference: ReferenceAdapter, *,
@@ -194,11 +235,13 @@ def build_strategy(method: str, cfg: FlowerRunConfig, reference: ReferenceAdapte
     options = dict(cfg.method_options.get(method, {}))
     if method in _GLOBAL:
         return GlobalLoraStrategy(method, weighted=cfg.weighted, options=options, **common)
+    target = options.pop("target", "model")
     if method == "detect_average":
-        return DetectThenAverage(cfg.clair.with_options(**options), weighted=cfg.weighted, **common)
+        return DetectThenAverage(cfg.clair.with_options(**options), weighted=cfg.weighted, target=target, **common)
     if method == "clair":
-        return ClairStrategy(cfg.clair.with_options(**options), flagged_policy=cfg.flagged_policy, **common)
+        return ClairStrategy(cfg.clair.with_options(**options), flagged_policy=cfg.flagged_policy, target=target,
+                             **common)
     if method == "clair_paper":
         return ClairStrategy(paper_clair_config(cfg.clair).with_options(**options), flagged_policy=cfg.flagged_policy,
-                             method="clair_paper", **common)
+                             target=target, method="clair_paper", **common)
     raise ValueError(f"method must be one of {_GLOBAL + ('detect_average', 'clair', 'clair_paper')}, got {method!r}")

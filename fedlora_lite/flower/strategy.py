@@ -57,12 +57,15 @@ class RoundUpdates:
         adapters: K :class:`~fedlora_lite.lora.LoraAdapter` (rank r, float32).
         deltas: module -> (K, out, in) exact products scaling·B·A, float64.
         examples: (K,) training examples per node, float64.
+        held: per node, the model it trained from as the factors it was sent, module ->
+            (A, B, scaling) with ``scaling·B·A`` its ΔW; None = the untouched base.
     """
 
     partitions: list[int]
     adapters: list[LoraAdapter]
     deltas: dict[str, torch.Tensor]
     examples: torch.Tensor
+    held: list[dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None] = field(default_factory=list)
 
 
 @dataclass
@@ -71,7 +74,9 @@ class Combined:
 
     Attributes:
         center: module -> (out, in) one update for every node (global rules), or None.
-        estimates: module -> (K, out, in) one update per participant (personalised rules), or None.
+        estimates: module -> (K, out, in) one update per participant, added to its model (personalised rules).
+        models: module -> (K, out, in) each participant's new model (personalised rules that
+            aggregate models rather than the round's updates), or None.
         flags: (K,) bool, True = treated as contaminated; None if the rule makes no such decision.
         scores: (K,) contamination scores, or None.
         info: JSON-friendly diagnostics.
@@ -79,6 +84,7 @@ class Combined:
 
     center: dict[str, torch.Tensor] | None = None
     estimates: dict[str, torch.Tensor] | None = None
+    models: dict[str, torch.Tensor] | None = None
     flags: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +160,15 @@ class LoraStrategy(FedAvg):
             self.global_model = sent
         else:
             self.models[partition] = sent
+
+    def held_factors(self, partition: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+        """The model node ``partition`` holds, as the factors it was sent: module -> (A, B, scaling); None = base."""
+        record, scaling, ranks = self._downlink(partition)
+        if not len(record):
+            return None
+        return {n: (torch.from_numpy(record[f"base_model.model.{n}.lora_A.weight"].numpy().copy()),
+                    torch.from_numpy(record[f"base_model.model.{n}.lora_B.weight"].numpy().copy()), scaling)
+                for n in self.reference.names}
 
     def _downlink(self, partition: int) -> tuple[ArrayRecord, float, dict[str, int]]:
         key = partition if (self.personalised and partition in self.models) else None
@@ -279,7 +294,8 @@ class LoraStrategy(FedAvg):
             rec.update(aggregated=False, note=f"{len(parts)} valid replies < min_replies={self.min_replies}: models kept")
             return None, None
         examples = torch.tensor([train[str(p)]["num-examples"] for p in parts], dtype=torch.float64)
-        updates = RoundUpdates(parts, adapters, stack_deltas(adapters, dtype=torch.float64), examples)
+        updates = RoundUpdates(parts, adapters, stack_deltas(adapters, dtype=torch.float64), examples,
+                               [self.held_factors(p) for p in parts])
         t0 = time.perf_counter()
         out = self.combine(updates)
         rec["seconds"]["aggregate"] = time.perf_counter() - t0
@@ -302,8 +318,11 @@ class LoraStrategy(FedAvg):
         if out.center is not None:
             self._set_model(None, {n: self.global_model[n] + out.center[n] for n in self.reference.names})
             return
-        assert out.estimates is not None, "a rule returns a center or per-client estimates"
+        assert out.estimates is not None or out.models is not None, "a rule returns a center, estimates or models"
         for j, p in enumerate(updates.partitions):
+            if out.models is not None:
+                self._set_model(p, {n: out.models[n][j].to(torch.float64) for n in self.reference.names})
+                continue
             prev = self.model_of(p)
             self._set_model(p, {n: prev[n] + out.estimates[n][j].to(torch.float64) for n in self.reference.names})
         if out.flags is not None and bool((~out.flags).any()):
@@ -316,8 +335,9 @@ class LoraStrategy(FedAvg):
 
         t = {f"upload/{p}/{k}": v.contiguous() for p, a in zip(updates.partitions, updates.adapters)
              for k, v in a.state_dict().items()}
-        if out.estimates is not None:
-            t.update({f"estimate/{n}": e.contiguous() for n, e in out.estimates.items()})
+        for kind, part in (("estimate", out.estimates), ("model", out.models)):
+            if part is not None:
+                t.update({f"{kind}/{n}": e.contiguous() for n, e in part.items()})
         if out.center is not None:
             t.update({f"center/{n}": e.contiguous() for n, e in out.center.items()})
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,8 @@ def saved_round(checkpoint_dir: Path, server_round: int = 1):
                         for k in t if k.startswith(f"upload/{p}/")})
         adapters.append({n: (t[f"upload/{p}/base_model.model.{n}.lora_A.weight"],
                              t[f"upload/{p}/base_model.model.{n}.lora_B.weight"]) for n in names})
-    estimates = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("estimate/")}
+    kind = "model/" if any(k.startswith("model/") for k in t) else "estimate/"  # CLAIR on models or on updates
+    estimates = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith(kind)}
     return parts, adapters, estimates
 
 

@@ -81,7 +81,23 @@ def test_clair_strategy_equals_clair_modules_on_the_same_adapters():
     ref = clair_modules({n: [a.factors[n] for a in adapters] for n in REFERENCE.names}, CLAIR)
     assert out.flags.tolist() == ref.flags.tolist() == [False] * 6 + [True] * 2
     for n, r in ref.iter_refined():
-        torch.testing.assert_close(out.estimates[n], r.dense_refined().double(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.models[n], r.dense_refined().double(), rtol=0, atol=1e-6)
+
+
+def test_clair_on_models_decomposes_held_model_plus_update_exactly():
+    """Later rounds: CLAIR sees each node's would-be model (held factors + its upload), the same as the dense stack."""
+    adapters = random_adapters(8, seed=11, outliers=(6, 7))
+    held = random_adapters(8, seed=12, outliers=(6, 7))
+    u = _updates(adapters)
+    u.held = [{n: (h.factors[n].A, h.factors[n].B, h.factors[n].scaling) for n in REFERENCE.names} for h in held]
+    out = _strategy(ClairStrategy, CLAIR).combine(u)
+    dense = {n: stack_deltas(held)[n] + stack_deltas(adapters)[n] for n in REFERENCE.names}
+    ref = clair_modules(dense, CLAIR)
+    assert out.flags.tolist() == ref.flags.tolist() and out.flags[6:].all()
+    for n, r in ref.iter_refined():
+        torch.testing.assert_close(out.models[n], r.dense_refined(), rtol=0, atol=1e-6)
+    upd = _strategy(ClairStrategy, CLAIR, target="update").combine(u)  # the round's updates alone: another problem
+    assert upd.models is None and upd.estimates is not None
 
 
 @pytest.mark.parametrize("policy", ["own", "collaborative", "unchanged"])
@@ -90,7 +106,7 @@ def test_flagged_policy(policy):
     out = _strategy(ClairStrategy, CLAIR, flagged_policy=policy).combine(_updates(adapters))
     deltas = stack_deltas(adapters)
     for n in REFERENCE.names:
-        flagged, benign = out.estimates[n][6:], out.estimates[n][:6]
+        flagged, benign = out.models[n][6:], out.models[n][:6]
         expect = {"own": deltas[n][6:], "collaborative": benign.mean(0).expand_as(flagged),
                   "unchanged": torch.zeros_like(flagged)}[policy]
         torch.testing.assert_close(flagged, expect, rtol=1e-6, atol=1e-7)
