@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "sha256_bytes"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "save_round_updates", "sha256_bytes"]
 
 _TENSORS, _STATE = "models.safetensors", "state.json"
 
@@ -113,3 +113,24 @@ def load_checkpoint(directory: str | Path, meta: Mapping[str, Any]) -> Checkpoin
             downlink.setdefault(owner, {})[name] = t
     return Checkpoint(int(state["round"]), models, global_model, list(state["history"]), downlink,
                       {k: float(v) for k, v in state.get("scalings", {}).items()})
+
+
+def save_round_updates(directory: str | Path, server_round: int, partitions: list[int], adapters: list[Any],
+                       parts: Mapping[str, Mapping[str, torch.Tensor] | None]) -> Path:
+    """Write one round's uploads and what the rule made of them (``round_NNN_updates.safetensors``).
+
+    Keys: ``upload/<partition>/<peft key>`` (the adapters as received) and ``<kind>/<module>``
+    for each non-None entry of ``parts`` (e.g. ``estimate``, ``model``, ``center``); the
+    partitions, in the order of the stacked tensors, are in the file's metadata.
+    """
+    from safetensors.torch import save_file
+
+    t = {f"upload/{p}/{k}": v.contiguous() for p, a in zip(partitions, adapters) for k, v in a.state_dict().items()}
+    for kind, tensors in parts.items():
+        if tensors is not None:
+            t.update({f"{kind}/{n}": e.contiguous() for n, e in tensors.items()})
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    out = path / f"round_{server_round:03d}_updates.safetensors"
+    save_file(t, str(out), metadata={"partitions": ",".join(map(str, partitions))})
+    return out

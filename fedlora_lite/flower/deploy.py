@@ -19,6 +19,7 @@ every key of :meth:`~fedlora_lite.flower.config.FlowerRunConfig.to_run_config`.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shlex
 import signal
@@ -83,55 +84,41 @@ def _port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
+def _signal(procs: list[subprocess.Popen], descendants: list, sig: int) -> None:
+    import psutil
+
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, sig)  # the process group: everything it started in its own session
+    for d in descendants:
+        with contextlib.suppress(psutil.Error):
+            d.send_signal(sig)  # children that moved to a new session (flower-superexec, flwr-serverapp)
+
+
 def _kill_tree(procs: list[subprocess.Popen], grace: float = 10.0) -> list[int]:
     """SIGTERM every process, its group and its descendants; SIGKILL what is left after ``grace`` s.
 
     Returns:
         The pids of every process it stopped (the started ones and their descendants).
     """
-    try:
-        import psutil
-    except ImportError:  # pragma: no cover - psutil comes with the [flower] extra
-        psutil = None
-    victims = []
+    import psutil
+
+    descendants = []
     for p in procs:
-        if psutil is not None:
-            try:
-                victims += psutil.Process(p.pid).children(recursive=True)
-            except psutil.NoSuchProcess:
-                pass
-    for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    for v in victims:
-        try:
-            v.terminate()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+        with contextlib.suppress(psutil.NoSuchProcess):
+            descendants += psutil.Process(p.pid).children(recursive=True)
+    _signal(procs, descendants, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            pass
-    if psutil is not None:
-        _, alive = psutil.wait_procs(victims, timeout=max(deadline - time.monotonic(), 0.1))
-        for v in alive:
-            try:
-                v.kill()
-            except Exception:  # noqa: BLE001
-                pass
+    _, alive = psutil.wait_procs(descendants, timeout=max(deadline - time.monotonic(), 0.1))
+    _signal(procs, alive, signal.SIGKILL)
     for p in procs:
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        with contextlib.suppress(subprocess.TimeoutExpired):
             p.wait(timeout=10)
-    return [p.pid for p in procs] + [v.pid for v in victims]
+    return [p.pid for p in procs] + [d.pid for d in descendants]
 
 
 @dataclass

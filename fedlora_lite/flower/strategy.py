@@ -42,7 +42,7 @@ from flwr.supercore import log
 
 from ..lora.adapter_io import AdapterError
 from ..lora.factors import LoraAdapter, stack_deltas
-from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_round_updates
 from .records import ADAPTER_KEY, CONFIG_KEY, METRICS_KEY, ReferenceAdapter, content_bytes, encode_deltas, parse_adapter
 
 __all__ = ["RoundUpdates", "Combined", "LoraStrategy"]
@@ -305,7 +305,8 @@ class LoraStrategy(FedAvg):
             rec["scores"] = {str(p): round(float(s), 6) for p, s in zip(parts, out.scores.tolist())}
         rec["info"] = out.info
         if self.save_updates and self.checkpoint_dir is not None:
-            self._save_updates(server_round, updates, out)
+            save_round_updates(self.checkpoint_dir, server_round, updates.partitions, updates.adapters,
+                               {"estimate": out.estimates, "model": out.models, "center": out.center})
         self._apply(updates, out)
         rec["aggregated"] = True
         rec["downlink_rank"] = {str(p): self._downlink(p)[2] for p in sorted({*parts, *self.models})}
@@ -329,20 +330,6 @@ class LoraStrategy(FedAvg):
             keep = [j for j, f in enumerate(out.flags.tolist()) if not f]
             self._set_model(None, {n: torch.stack([self.models[updates.partitions[j]][n] for j in keep]).mean(0)
                                    for n in self.reference.names})
-
-    def _save_updates(self, server_round: int, updates: RoundUpdates, out: Combined) -> None:
-        from safetensors.torch import save_file
-
-        t = {f"upload/{p}/{k}": v.contiguous() for p, a in zip(updates.partitions, updates.adapters)
-             for k, v in a.state_dict().items()}
-        for kind, part in (("estimate", out.estimates), ("model", out.models)):
-            if part is not None:
-                t.update({f"{kind}/{n}": e.contiguous() for n, e in part.items()})
-        if out.center is not None:
-            t.update({f"center/{n}": e.contiguous() for n, e in out.center.items()})
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        save_file(t, str(self.checkpoint_dir / f"round_{server_round:03d}_updates.safetensors"),
-                  metadata={"partitions": ",".join(map(str, updates.partitions))})
 
     # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
