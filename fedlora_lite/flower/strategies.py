@@ -45,7 +45,8 @@ from ..lora.factors import LoraFactors
 from .records import ReferenceAdapter
 from .strategy import Combined, LoraStrategy, RoundUpdates
 
-__all__ = ["TARGETS", "GlobalLoraStrategy", "DetectThenAverage", "ClairStrategy", "build_strategy", "flatten_updates"]
+__all__ = ["TARGETS", "GlobalLoraStrategy", "DetectThenAverage", "ClairStrategy", "build_strategy", "method_clair_config",
+           "flatten_updates"]
 
 _GLOBAL = ("fedavg", "median", "trimmed_mean", "geometric_median", "krum", "multi_krum")
 
@@ -217,6 +218,12 @@ class ClairStrategy(LoraStrategy):
         return Combined(estimates=est, flags=flags, scores=res.scores, info=info)
 
 
+def method_clair_config(method: str, cfg: FlowerRunConfig) -> ClairConfig:
+    """The :class:`~fedlora_lite.clair.ClairConfig` a CLAIR-based method of ``cfg`` runs with."""
+    options = {k: v for k, v in cfg.method_options.get(method, {}).items() if k != "target"}
+    return (paper_clair_config(cfg.clair) if method == "clair_paper" else cfg.clair).with_options(**options)
+
+
 def build_strategy(method: str, cfg: FlowerRunConfig, reference: ReferenceAdapter, *,
                    checkpoint_dir: str | Path | None = None, save_updates: bool = False) -> LoraStrategy:
     """The strategy named ``method`` with the run's settings.
@@ -235,13 +242,10 @@ def build_strategy(method: str, cfg: FlowerRunConfig, reference: ReferenceAdapte
     options = dict(cfg.method_options.get(method, {}))
     if method in _GLOBAL:
         return GlobalLoraStrategy(method, weighted=cfg.weighted, options=options, **common)
-    target = options.pop("target", "model")
+    target = options.get("target", "model")
     if method == "detect_average":
-        return DetectThenAverage(cfg.clair.with_options(**options), weighted=cfg.weighted, target=target, **common)
-    if method == "clair":
-        return ClairStrategy(cfg.clair.with_options(**options), flagged_policy=cfg.flagged_policy, target=target,
-                             **common)
-    if method == "clair_paper":
-        return ClairStrategy(paper_clair_config(cfg.clair).with_options(**options), flagged_policy=cfg.flagged_policy,
-                             target=target, method="clair_paper", **common)
+        return DetectThenAverage(method_clair_config(method, cfg), weighted=cfg.weighted, target=target, **common)
+    if method in ("clair", "clair_paper"):
+        return ClairStrategy(method_clair_config(method, cfg), flagged_policy=cfg.flagged_policy, target=target,
+                             method=method, **common)
     raise ValueError(f"method must be one of {_GLOBAL + ('detect_average', 'clair', 'clair_paper')}, got {method!r}")
