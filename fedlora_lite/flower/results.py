@@ -78,9 +78,9 @@ class FlowerResult:
         """Per round: bytes sent down and up in the train and evaluate phases (Flower's record counts)."""
         return [{"round": h["round"], **{k: int(h["bytes"].get(k, 0)) for k in BYTE_FIELDS}} for h in self.history(method)]
 
-    def bytes_per_node(self, method: str) -> dict[str, float]:
-        """Mean training-phase bytes per sampled node and round: ``{"down": ..., "up": ...}``."""
-        rows = [h for h in self.history(method) if h["round"] > 0 and h.get("sampled_nodes")]
+    def bytes_per_node(self, method: str, from_round: int = 1) -> dict[str, float]:
+        """Mean training-phase bytes per sampled node and round (rounds >= ``from_round``): ``{"down", "up"}``."""
+        rows = [h for h in self.history(method) if h["round"] >= max(from_round, 1) and h.get("sampled_nodes")]
         if not rows:
             return {"down": 0.0, "up": 0.0}
         return {d: sum(h["bytes"][f"train_{d}"] / h["sampled_nodes"] for h in rows) / len(rows) for d in ("down", "up")}

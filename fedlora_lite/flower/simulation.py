@@ -58,7 +58,8 @@ def run_flower_simulation(cfg: FlowerRunConfig, *, num_cpus: int | None = None, 
         cfg: the run; its ``output_dir`` receives ``flower_results.json`` and the checkpoints
             (a temporary folder when None).
         num_cpus, cpus_per_node: Ray resources (:func:`ray_backend_config`).
-        quiet: show only Flower's warnings and errors (not its per-round INFO log).
+        quiet: show only Flower's errors (not its per-round log, nor the deprecation notice of
+            ``run_simulation``; exclusions and flags are in the results either way).
 
     Returns:
         The run's :class:`~fedlora_lite.flower.results.FlowerResult` (``data["wall_seconds"]``
@@ -75,7 +76,7 @@ def run_flower_simulation(cfg: FlowerRunConfig, *, num_cpus: int | None = None, 
     logger = logging.getLogger("flwr")
     level = logger.level
     if quiet:
-        logger.setLevel(logging.WARNING)
+        logger.setLevel(logging.ERROR)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():

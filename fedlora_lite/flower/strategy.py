@@ -289,7 +289,7 @@ class LoraStrategy(FedAvg):
         rec = self._round
         rec.update(participants=parts, excluded=dict(sorted(excluded.items())), train=train, flagged=None, scores=None)
         if excluded:
-            log(WARNING, "aggregate_train: %s excluded %s", self.method, rec["excluded"])
+            log(INFO, "aggregate_train: %s excluded %s", self.method, rec["excluded"])  # recorded in the history
         if len(parts) < self.min_replies:
             rec.update(aggregated=False, note=f"{len(parts)} valid replies < min_replies={self.min_replies}: models kept")
             return None, None
