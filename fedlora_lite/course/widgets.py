@@ -237,7 +237,7 @@ class InteractiveFigure:
             elif spec.log:
                 lo, hi = math.log10(spec.low), math.log10(spec.high)
                 ctrl = w.FloatLogSlider(value=value, base=10, min=lo, max=hi, step=spec.step or (hi - lo) / 50,
-                                        description=desc, readout_format=".3g",
+                                        description=desc, readout_format=".3",  # d3: 3 digits, no trailing 0s
                                         continuous_update=continuous_update, style=style, layout=layout)
             elif spec.integer:
                 ctrl = w.IntSlider(value=value, min=spec.low, max=spec.high, step=spec.step or 1, description=desc,
@@ -245,7 +245,7 @@ class InteractiveFigure:
             else:
                 ctrl = w.FloatSlider(value=value, min=spec.low, max=spec.high,
                                      step=spec.step or (spec.high - spec.low) / 100, description=desc,
-                                     readout_format=".3g", continuous_update=continuous_update,
+                                     readout_format=".3", continuous_update=continuous_update,
                                      style=style, layout=layout)
             ctrl.observe(self._on_change, names="value")
             self.controls[name] = ctrl
