@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .reporting import summary_table
 from .sweep import completed_results
 
 __all__ = ["CollectReport", "collect_sweep", "mean_ci"]
@@ -72,17 +73,11 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     return mean, std, mean - half, mean + half
 
 
-def _numbers(prefix: str, value: Any) -> list[tuple[str, float]]:
-    if isinstance(value, Mapping):
-        out: list[tuple[str, float]] = []
-        for k, v in value.items():
-            out.extend(_numbers(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    if isinstance(value, bool):
-        return [(prefix, float(value))]
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return [(prefix, float(value))]
-    return []
+def _numbers(results: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """Numeric leaves of a results mapping as (dotted key, value); bools as 0/1."""
+    rows = summary_table({"run": results})  # the runner's flattening: nested keys dotted, lists as text
+    return [(r.key, float(r.value)) for r in rows
+            if r.key and isinstance(r.value, (int, float)) and math.isfinite(r.value)]
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
@@ -134,7 +129,7 @@ def collect_sweep(
     for payload in done:
         marker = payload["sweep"]
         point = {k: marker["parameters"][k] for k in grid}
-        for metric, value in _numbers("", payload.get("results", {})):
+        for metric, value in _numbers(payload.get("results", {})):
             tidy.append({"run_id": marker["run_id"], **point, "metric": metric, "value": value})
     available = list(dict.fromkeys(r["metric"] for r in tidy))
     wanted = list(metrics) if metrics is not None else collect.get("metrics") or available
@@ -204,7 +199,9 @@ def _plot(path: Path, rows: list[dict[str, Any]], metrics: list[str], x: str | N
             ax.legend(fontsize=7)
     for ax in axs[len(metrics):]:
         ax.set_visible(False)
-    band = f"mean ± {level:.0%} CI over {over}" if over else "one run per point"
+    ns = sorted({r["n"] for r in rows if r["metric"] in metrics})
+    count = f"n = {ns[0]}" if len(ns) == 1 else f"n = {ns[0]}-{ns[-1]}"
+    band = f"mean ± {level:.0%} CI over {over}, {count} per point" if over else "one run per point"
     fig.suptitle(f"sweep of {title} ({band})", fontsize=10)
     fig.savefig(path, dpi=110)
     return path

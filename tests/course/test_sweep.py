@@ -159,3 +159,14 @@ def test_a_failing_run_is_reported_and_redone_next_time(make_notebook, tmp_path)
     with pytest.raises(ValueError, match="metrics"):
         collect_sweep(spec.out, metrics=["nope"])
     assert collect_sweep(spec.out, plot=False).runs_done == 1
+
+
+def test_the_readme_sweep_file_is_valid(tmp_path):
+    """The README's example sweep file loads against the real notebook 02 (its names are parameters)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = "# sweep.toml" + readme.split("# sweep.toml", 1)[1].split("```", 1)[0]
+    path = tmp_path / "sweep.toml"
+    path.write_text(block)
+    spec = load_sweep(path)
+    assert spec.notebook == "02_linear_regression" and len(sweep_runs(spec)) == 9
+    assert spec.out == (tmp_path / "outputs" / "sweep_02").resolve()
