@@ -160,12 +160,13 @@ _ONE_CONNECTED_IDLE_KERNEL = """async () => {
 }"""
 
 
-def _run_first_cell(page, attempts: int = 3) -> None:
+def _run_first_cell(page, attempts: int = 5) -> None:
     """Select the first cell and run it (Ctrl+Enter); retry if the run request was dropped.
 
-    Right after a notebook opens, JupyterLab can report an idle kernel before its session is
-    ready to execute, and then drops the request without a trace (the prompt stays ``[ ]``).
-    An accepted request turns the prompt into ``[*]`` or ``[1]`` at once.
+    Right after a notebook opens, JupyterLab can report an idle, connected kernel and still
+    drop the first run request without a trace (the prompt stays ``[ ]``; seen in about half
+    of the runs here). An accepted request turns the prompt into ``[*]`` at once, on the page
+    itself, so a few seconds per attempt are plenty even on a slow machine.
     """
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
@@ -175,7 +176,7 @@ def _run_first_cell(page, attempts: int = 3) -> None:
         page.keyboard.press("Control+Enter")
         try:
             page.wait_for_function(r"(el) => /\[(\*|\d+)\]/.test(el.textContent)", arg=prompt.element_handle(),
-                                   timeout=20_000)
+                                   timeout=8_000)
             return
         except PlaywrightTimeout:
             continue
