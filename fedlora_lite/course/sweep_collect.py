@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .reporting import summary_table
 from .sweep import completed_results
 
 __all__ = ["CollectReport", "collect_sweep", "mean_ci"]
@@ -74,10 +73,19 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
 
 
 def _numbers(results: Mapping[str, Any]) -> list[tuple[str, float]]:
-    """Numeric leaves of a results mapping as (dotted key, value); bools as 0/1."""
-    rows = summary_table({"run": results})  # the runner's flattening: nested keys dotted, lists as text
-    return [(r.key, float(r.value)) for r in rows
-            if r.key and isinstance(r.value, (int, float)) and math.isfinite(r.value)]
+    """Numeric leaves of a nested results mapping as (dotted key, value), in order; bools as 0/1.
+
+    Strings, lists and non-finite numbers are not metrics a band can be drawn for and are skipped.
+    """
+    out: list[tuple[str, float]] = []
+    stack: list[tuple[str, Any]] = list(reversed(list(results.items())))
+    while stack:
+        key, value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend((f"{key}.{k}", v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, (bool, int, float)) and math.isfinite(value):
+            out.append((key, float(value)))
+    return out
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
