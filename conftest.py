@@ -10,6 +10,9 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# nbval and papermill kernels have no widget front end: widget cells draw one static figure
+# (fedlora_lite.course.widgets)
+os.environ.setdefault("FEDLORA_LITE_WIDGETS", "static")
 
 
 def pytest_configure(config):

@@ -6,6 +6,9 @@ Examples::
     fedlora-lite run --profile smoke
     fedlora-lite run --profile default --only 02 03 --out outputs/try -p seed 1
     fedlora-lite refresh --only 00
+    fedlora-lite sweep run sweep.toml && fedlora-lite sweep collect outputs/sweep_02
+    fedlora-lite editions --out outputs/editions
+    fedlora-lite site --out outputs/site
 
 Exit status: 0 on success, 1 when a notebook failed, 2 on a usage error (one line on
 stderr, no traceback), 130 after Ctrl-C and 143 after SIGTERM (the line "interrupted";
@@ -133,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list the notebooks with their titles")
     lst.add_argument("--notebooks", metavar="DIR", help="folder of the notebook sequence")
+    _add_course_parsers(sub)
     return parser
 
 
@@ -161,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedlora-lite``; returns the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command in _COURSE_COMMANDS:
+        return _course_command(args)
     try:
         return _main(args)
     except KeyboardInterrupt as exc:
@@ -196,6 +202,80 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     _print_report(report)
     return report.exit_code
+
+
+# ---- course publishing and batch commands: sweep, editions, site -------------------------
+
+_COURSE_COMMANDS = ("sweep", "editions", "site")
+
+
+def _add_course_parsers(sub: argparse._SubParsersAction) -> None:
+    sweep = sub.add_parser("sweep", help="run a parameter grid over one notebook (resumable) and aggregate it")
+    sweep_sub = sweep.add_subparsers(dest="sweep_command", required=True)
+    srun = sweep_sub.add_parser("run", help="execute the runs of a sweep file not finished yet")
+    srun.add_argument("spec", metavar="SWEEP.toml", help="the sweep file (see fedlora_lite.course.sweep)")
+    srun.add_argument("--workers", type=int, metavar="N", help="parallel worker processes (default: the file's)")
+    srun.add_argument("--out", metavar="DIR", help="output folder (default: the file's 'out')")
+    srun.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    scol = sweep_sub.add_parser("collect", help="aggregate finished runs: tidy CSV, mean and CI, plots")
+    scol.add_argument("out", metavar="DIR", help="the sweep's output folder")
+    scol.add_argument("--x", metavar="NAME", help="grid parameter on the x axis")
+    scol.add_argument("--over", metavar="NAME", help="grid parameter the confidence band is over (default seed)")
+    scol.add_argument("--metrics", nargs="+", metavar="KEY", help="dotted results.json keys (default: all numbers)")
+    scol.add_argument("--level", type=float, default=0.95, help="confidence level (default: %(default)s)")
+
+    ed = sub.add_parser("editions", help="write the student (solutions removed) and instructor editions")
+    ed.add_argument("--out", metavar="DIR", required=True, help="output folder (student/ and instructor/ inside)")
+    ed.add_argument("--notebooks", metavar="DIR", help="folder of the notebook sequence")
+    ed.add_argument("--only", nargs="+", action="extend", metavar="NN", help="only these notebooks")
+    ed.add_argument("--clear-outputs", action="store_true", help="student edition without outputs")
+
+    site = sub.add_parser("site", help="build the static HTML course from the executed notebooks")
+    site.add_argument("--out", metavar="DIR", required=True, help="output folder (index.html inside)")
+    site.add_argument("--notebooks", metavar="DIR",
+                      help="executed notebooks: the checkout's notebooks/ (default) or a run folder such as "
+                           "outputs/default")
+    site.add_argument("--student", action="store_true", help="publish the student edition (solutions removed)")
+
+
+def _course_command(args: argparse.Namespace) -> int:
+    """Run ``sweep``, ``editions`` or ``site``; exit status 0, 1 (a run failed) or 2 (usage error)."""
+    try:
+        if args.command == "sweep" and args.sweep_command == "run":
+            from .sweep import load_sweep, run_sweep
+
+            spec = load_sweep(args.spec, out=args.out, workers=args.workers)
+            report = run_sweep(spec, progress=not args.no_progress)
+            print(f"sweep {spec.notebook}: {report.total} runs, {len(report.ran)} ran, "
+                  f"{len(report.skipped)} already finished, {len(report.failed)} failed "
+                  f"({report.wall_time_s:.1f} s); results under {spec.out}")
+            for run_id, error in report.failed.items():
+                print(f"FAILED {run_id}\n{error}", file=sys.stderr)
+            return report.exit_code
+        if args.command == "sweep":
+            from .sweep_collect import collect_sweep
+
+            res = collect_sweep(args.out, x=args.x, over=args.over, metrics=args.metrics, level=args.level)
+            print(f"{res.runs_done}/{res.runs_total} runs finished; x = {res.x}, band over {res.over}")
+            print(f"tidy CSV:    {res.tidy_csv}\nsummary CSV: {res.summary_csv}\nfigure:      {res.figure}")
+            return 0
+        if args.command == "editions":
+            from .editions import build_editions
+
+            ed = build_editions(args.out, notebooks_dir=args.notebooks, only=args.only,
+                                clear_outputs=args.clear_outputs)
+            print(f"{len(ed.student)} notebooks, {sum(ed.solutions.values())} solution cell(s), "
+                  f"{sum(ed.hints.values())} hint(s)")
+            print(f"student edition:    {ed.out_dir / 'student'}\ninstructor edition: {ed.out_dir / 'instructor'}")
+            return 0
+        from .site import build_site
+
+        built = build_site(args.out, notebooks_dir=args.notebooks, student=args.student)
+        print(f"{len(built.pages)} pages in {built.wall_time_s:.1f} s; open {built.index}")
+        return 0
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fedlora-lite: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

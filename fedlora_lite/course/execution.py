@@ -25,6 +25,7 @@ from typing import Any
 from .notebooks import KERNELSPEC, NotebookInfo
 from .reporting import RESULTS_FILENAME, TIMINGS_FILENAME
 from .run_control import RunInterrupted
+from .widgets import WIDGETS_ENV
 
 __all__ = ["CellError", "pinned_python_kernel", "execute_notebook", "prepare_outputs"]
 
@@ -75,6 +76,7 @@ def pinned_python_kernel(kernel_name: str = "python3") -> Iterator[None]:
             # Spinning OpenMP workers make small torch ops (the solver's SVDs) 10x slower as
             # soon as another process competes for the cores; sleeping workers cost ~nothing.
             spec["env"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+        spec.setdefault("env", {})[WIDGETS_ENV] = "static"  # no widget front end here: one static figure per cell
         (kdir / "kernel.json").write_text(json.dumps(spec), encoding="utf-8")
         old = os.environ.get("JUPYTER_PATH")
         os.environ["JUPYTER_PATH"] = tmp if not old else tmp + os.pathsep + old
