@@ -22,7 +22,8 @@ REFINE_MODES = ("adaptive", "paper", "average", "project", "fixed")
 
 * ``adaptive`` (default, ours): ``mean_C + W_k (M_k - mean_C)`` with a norm-robust mean and
   weights ``W_k = w_in U U^T + w_off (I - U U^T)`` chosen from the data (shrinkage, or the
-  clients' own validation through :func:`~fedlora_lite.clair.refine.candidate_refinements`);
+  clients' own validation among the candidates of :data:`~fedlora_lite.clair.refine.WEIGHT_GRID` (built with
+  :func:`~fedlora_lite.clair.refine.apply_family`; see :mod:`fedlora_lite.experiments.copy_task.methods`));
 * ``paper`` (alias ``average``): the paper's refinement as we read it, ``U U^T M_k + (I - U U^T)
   mean_C`` with the plain mean, i.e. weights (1, 0);
 * ``project``: ``U U^T M_k`` (own in-subspace part only);

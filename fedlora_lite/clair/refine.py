@@ -16,7 +16,8 @@ with shared subspace U, P = U U^T, P_perp = I - P and a collaborative mean M-bar
 update clipped to ``clip`` times the median norm of C-hat, so scaling one's own update buys
 no influence) and chooses (w_in, w_off) from the data: by default the shrinkage estimate of
 :func:`shrinkage_weights`; with the clients' own validation data, by
-:func:`candidate_refinements` + each client's choice (see the copy-task experiment).
+the candidates of :data:`WEIGHT_GRID` (:func:`apply_family`) and each client's choice on its own data
+(see :mod:`fedlora_lite.experiments.copy_task.methods`).
 
 Flagged clients get their own update back (CLAIR does not serve them). On factors the
 refined update is never densified: with B-bar = [c_j B_j / |C|]_{j in C} (c_j the clip
