@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fedlora_lite.course.plotting import (
+    plot_block_matrix,
     plot_client_scores,
     plot_phase_transition,
     plot_singular_values,
@@ -65,3 +66,16 @@ def test_singular_values_marks_the_rank():
     assert any(np.allclose(line.get_xdata(), 3.5) for line in ax.get_lines())
     with pytest.raises(ValueError, match="non-negative"):
         plot_singular_values([1.0, -1.0])
+
+
+def test_block_matrix_boundaries_and_marks():
+    mat = torch.arange(24.0).reshape(3, 8) - 12.0
+    ax = plot_block_matrix(mat, [2, 2, 4], contaminated=[False, True, False], vmax=20.0, title="M")
+    assert [round(float(line.get_xdata()[0]), 1) for line in ax.get_lines()] == [1.5, 3.5]  # two inner boundaries
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    assert [t.get_color() for t in ax.get_xticklabels()][1] == "tab:red"
+    assert ax.images[0].get_clim() == (-20.0, 20.0)
+    with pytest.raises(ValueError, match="sum to the matrix width"):
+        plot_block_matrix(mat, [2, 2])
+    with pytest.raises(ValueError, match="contaminated"):
+        plot_block_matrix(mat, [4, 4], contaminated=[True])
