@@ -132,8 +132,11 @@ def least_squares(X: Any, Y: Any, ridge: float = 0.0) -> torch.Tensor:
     if ridge == 0.0:
         if n < d:
             raise ValueError(f"OLS needs at least dim={d} samples, got {n}; use ridge > 0")
-        # QR-based least squares avoids squaring the condition number of X.
-        return torch.linalg.lstsq(X, Y).solution
+        # QR-based least squares avoids squaring the condition number of X; an explicit QR and
+        # a triangular solve, because LAPACK's gelsy (torch.linalg.lstsq on the CPU) is not
+        # bitwise reproducible from one process to the next, and same seed must mean same bytes
+        Q, R = torch.linalg.qr(X)
+        return torch.linalg.solve_triangular(R, Q.mT @ Y, upper=True)
     gram = X.mT @ X + ridge * torch.eye(d, dtype=X.dtype, device=X.device)
     return torch.linalg.solve(gram, X.mT @ Y)
 
